@@ -1,0 +1,148 @@
+"""Command line of monai_histodiff: ``python -m monai_histodiff <command> --help``.
+
+Training stages run as MONAI bundles (``python -m monai.bundle run --config_file bundles/<stage>.json``); these
+commands prepare data, download datasets, and run the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_download(a: argparse.Namespace) -> int:
+    from monai_histodiff.data.download import DATASETS, download_dataset
+
+    names = list(DATASETS) if a.dataset == ["all"] else a.dataset
+    for name in names:
+        print(f"{name}: {DATASETS[name]['description']}")
+        download_dataset(name, a.root, url=a.url, md5=a.md5)
+        print(f"  extracted under {a.root}")
+    return 0
+
+
+def _cmd_toy_data(a: argparse.Namespace) -> int:
+    from monai_histodiff.data.toy import TOY_NOTICE, make_toy_dataset
+
+    make_toy_dataset(a.output, num_per_class=a.num_per_class, image_size=a.image_size, num_classes=a.num_classes, seed=a.seed)
+    print(f"wrote {a.num_classes} classes x {a.num_per_class} toy tiles ({a.image_size} px) to {a.output}")
+    print(TOY_NOTICE)
+    return 0
+
+
+def _cmd_split(a: argparse.Namespace) -> int:
+    from monai_histodiff.data.prepare import prepare_labeled_split
+
+    split = prepare_labeled_split(
+        a.dataset_dir, a.output, fraction=a.fraction, per_class=a.per_class, val_fraction=a.val_fraction, seed=a.seed,
+        test_dataset=a.test_dir, test_per_class=a.test_per_class, bad_files=a.bad_files,
+    )
+    print(f"wrote {a.output}: classes {split['classes']}")
+    for part in ("training", "validation", "test"):
+        print(f"  {part:10s} {len(split[part]):6d}  per class {split['counts'][part]}")
+    if split["bad_files"]:
+        print(f"  skipped {len(split['bad_files'])} unreadable files (listed in bad_files.json)")
+    return 0
+
+
+def _cmd_unlabeled(a: argparse.Namespace) -> int:
+    from monai_histodiff.data.prepare import prepare_unlabeled
+    from monai_histodiff.data.unlabeled import format_source_counts
+
+    sources = a.sources[0] if len(a.sources) == 1 else a.sources
+    weights = a.weights if a.weights in ("equal", "size") else [float(w) for w in a.weights.split(",")]
+    data = prepare_unlabeled(sources, a.output, weights=weights, bad_files=a.bad_files)
+    print(f"wrote {a.output}")
+    print(format_source_counts(data))
+    return 0
+
+
+def _cmd_scan(a: argparse.Namespace) -> int:
+    from monai_histodiff.data.datalist import list_images
+    from monai_histodiff.data.validation import scan_images
+
+    items = [{"image": f} for f in list_images(a.folder, extensions=(".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))]
+    _, bad = scan_images(items, policy="skip", report_dir=a.report_dir)
+    for b in bad:
+        print(f"{b['image']}: {b['reason']}")
+    print(f"{len(items) - len(bad)} readable, {len(bad)} bad of {len(items)} image files under {a.folder}")
+    return 1 if bad and a.strict else 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from monai_histodiff.demo import run_demo
+
+    return run_demo(a.output_dir, dataset_dir=a.dataset_dir, unlabeled_dir=a.unlabeled_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per task."""
+    p = argparse.ArgumentParser(prog="python -m monai_histodiff", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+
+    from monai_histodiff.data.download import DATASETS
+
+    d = sub.add_parser("download", help="download NCT-CRC-HE-100K / CRC-VAL-HE-7K from Zenodo (record 1214456)")
+    d.add_argument("dataset", nargs="+", choices=[*DATASETS, "all"])
+    d.add_argument("--root", required=True, help="destination folder")
+    d.add_argument("--url", default=None, help="mirror or file:// archive instead of Zenodo")
+    d.add_argument("--md5", default=None, help="expected md5 (overrides the built-in one)")
+    d.set_defaults(func=_cmd_download)
+
+    t = sub.add_parser("toy-data", help="write the seeded synthetic toy tiles used by the demo")
+    t.add_argument("--output", required=True)
+    t.add_argument("--num_per_class", type=int, default=60)
+    t.add_argument("--image_size", type=int, default=64)
+    t.add_argument("--num_classes", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_cmd_toy_data)
+
+    s = sub.add_parser("split", help="scan a labeled dataset and write the stratified low-label split datalist")
+    s.add_argument("--dataset_dir", required=True, help="class-folder tree, CSV (image,label) or JSON datalist")
+    s.add_argument("--output", required=True, help="split JSON to write (classes.json is written beside it)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--fraction", type=float, help="share of each class for the labeled subset (paper: 0.05)")
+    g.add_argument("--per_class", type=int, help="number of labeled tiles per class")
+    s.add_argument("--val_fraction", type=float, default=0.2, help="share of the subset held out for validation")
+    s.add_argument("--test_dir", default=None, help="separate test set (e.g. CRC-VAL-HE-7K); default: the rest")
+    s.add_argument("--test_per_class", type=int, default=None, help="cap the test set per class")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--bad_files", choices=["skip", "error"], default="skip")
+    s.set_defaults(func=_cmd_split)
+
+    u = sub.add_parser("unlabeled", help="list M unlabeled source folders for pre-training")
+    u.add_argument("--sources", nargs="+", required=True, help="source folders, or one parent of source folders")
+    u.add_argument("--weights", default="equal", help="'equal', 'size', or comma-separated weights per source")
+    u.add_argument("--output", required=True)
+    u.add_argument("--bad_files", choices=["skip", "error"], default="skip")
+    u.set_defaults(func=_cmd_unlabeled)
+
+    c = sub.add_parser("scan", help="report unreadable, truncated, zero-byte or non-image files in a folder")
+    c.add_argument("folder")
+    c.add_argument("--report_dir", default=None, help="write bad_files.json here")
+    c.add_argument("--strict", action="store_true", help="exit 1 when a bad file is found")
+    c.set_defaults(func=_cmd_scan)
+
+    m = sub.add_parser("demo", help="run the pipeline on the default (toy) data or $HISTODIFF_DATA")
+    m.add_argument("--output_dir", default="demo_output")
+    m.add_argument("--dataset_dir", default=None, help="labeled class-folder tree (default: $HISTODIFF_DATA or toy)")
+    m.add_argument("--unlabeled_dir", default=None, help="unlabeled sources parent (default: $HISTODIFF_UNLABELED)")
+    m.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m monai_histodiff``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

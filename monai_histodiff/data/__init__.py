@@ -1,0 +1,52 @@
+"""Data layer every stage reads through: datalists, stratified splits, unlabeled sources, tile transforms,
+input validation, downloads and the toy tiles of the demo."""
+
+from __future__ import annotations
+
+from monai_histodiff.data.datalist import (
+    IMAGE_EXTENSIONS,
+    class_counts,
+    list_images,
+    load_datalist,
+    read_labeled_list,
+    save_class_map,
+    scan_class_folders,
+    write_datalist,
+)
+from monai_histodiff.data.download import DATASETS, download_dataset
+from monai_histodiff.data.split import make_split, stratified_sample, write_split
+from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
+from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
+from monai_histodiff.data.unlabeled import format_source_counts, sources_in, unlabeled_datalist
+from monai_histodiff.data.validation import BadFilesError, check_image, scan_images
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "class_counts",
+    "list_images",
+    "load_datalist",
+    "read_labeled_list",
+    "save_class_map",
+    "scan_class_folders",
+    "write_datalist",
+    "DATASETS",
+    "download_dataset",
+    "make_split",
+    "stratified_sample",
+    "write_split",
+    "TOY_CLASSES",
+    "TOY_NOTICE",
+    "make_toy_dataset",
+    "render_toy_tile",
+    "ToRGBd",
+    "pil_to_rgb",
+    "tile_reader",
+    "tile_transforms",
+    "to_uint8_image",
+    "format_source_counts",
+    "sources_in",
+    "unlabeled_datalist",
+    "BadFilesError",
+    "check_image",
+    "scan_images",
+]

@@ -1,0 +1,115 @@
+"""Feature extraction for centroid-based selective augmentation.
+
+The selective augmentation of HistoDiffusion (after Xue et al., HistoGAN, MedIA 2021) compares synthetic tiles with
+real tiles in the feature space of a trained classifier. This module turns a model and a stream of batches into one
+``[N, D]`` matrix of L2-normalised float32 features (plus the labels, when the batches carry them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["l2_normalize", "extract_features"]
+
+
+def l2_normalize(features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Scale each row of a feature matrix to unit Euclidean norm.
+
+    Args:
+        features: ``[N, D]`` features (any float dtype; other shapes are flattened to ``[N, -1]``).
+        eps: floor on the norm so an all-zero row stays zero instead of becoming NaN.
+
+    Returns:
+        ``[N, D]`` float32 tensor whose non-zero rows have norm 1.
+    """
+    features = torch.as_tensor(features).float()
+    if features.ndim == 1:
+        features = features.unsqueeze(0)
+    features = features.reshape(features.shape[0], -1)
+    return features / features.norm(p=2, dim=1, keepdim=True).clamp_min(eps)
+
+
+def _split_batch(batch: Any, image_key: str, label_key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return ``(images, labels or None)`` from a tensor, an ``(x, y, ...)`` sequence or a MONAI-style dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        if image_key not in batch:
+            raise KeyError(f"batch dict has no image key {image_key!r}; keys: {sorted(batch)}.")
+        return batch[image_key], batch.get(label_key)
+    if isinstance(batch, Sequence) and len(batch) > 0:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"unsupported batch type {type(batch).__name__}; expected a tensor, a (x, y) sequence or a dict.")
+
+
+def _default_feature_fn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call ``model.features(x)`` when the model defines it, otherwise the model's output."""
+    features = getattr(model, "features", None)
+    return features(x) if callable(features) else model(x)
+
+
+def extract_features(
+    model: torch.nn.Module,
+    loader_or_batches: Iterable[Any],
+    feature_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embed every image of a loader with a trained model, for centroid distances.
+
+    The model is run in eval mode under ``torch.no_grad()``; its previous train/eval mode is restored afterwards.
+
+    Args:
+        model: the feature network (typically the trained tissue classifier).
+        loader_or_batches: a ``DataLoader`` or any iterable of batches; a batch is an image tensor, an ``(x, y, ...)``
+            sequence or a dict with ``image_key`` (and optionally ``label_key``).
+        feature_fn: ``feature_fn(model, x) -> [B, ...]``; defaults to ``model.features(x)`` when that exists, else
+            ``model(x)``. Outputs with more than two dims are flattened per sample.
+        device: where to run the model; defaults to the device of the model's first parameter (CPU if none).
+        amp: run under ``torch.autocast`` on that device; features are cast back to float32.
+        image_key: image key for dict batches.
+        label_key: label key for dict batches.
+
+    Returns:
+        ``(features, labels)``: ``[N, D]`` float32 L2-normalised features on CPU and ``[N]`` int64 labels on CPU, or
+        ``None`` for labels when the batches carry none. Labels given one-hot (``[B, K]``) are converted by argmax.
+
+    Raises:
+        ValueError: when the iterable is empty, or only some batches carry labels.
+    """
+    fn = feature_fn if feature_fn is not None else _default_feature_fn
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor | None] = []
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=amp):
+            for batch in loader_or_batches:
+                x, y = _split_batch(batch, image_key, label_key)
+                out = fn(model, torch.as_tensor(x).to(device))
+                feats.append(out.detach().float().reshape(out.shape[0], -1).cpu())
+                if y is not None:
+                    y = torch.as_tensor(y).detach().cpu()
+                    y = y.argmax(dim=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1)
+                    y = y.long()
+                labels.append(y)
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("no batches to extract features from.")
+    features = l2_normalize(torch.cat(feats, dim=0))
+    with_labels = [y is not None for y in labels]
+    if not any(with_labels):
+        return features, None
+    if not all(with_labels):
+        raise ValueError("some batches carry labels and some do not.")
+    return features, torch.cat([y for y in labels if y is not None], dim=0)

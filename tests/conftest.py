@@ -1,0 +1,69 @@
+"""Shared test fixtures: the real H&E tiles in ../shared/data/histology (skip when absent) and generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+HISTOLOGY = Path(os.environ.get("HISTODIFF_TEST_DATA", REPO.parent / "shared" / "data" / "histology"))
+
+
+def _real(sub: str) -> Path:
+    path = HISTOLOGY / sub
+    if not path.is_dir():
+        pytest.skip(f"real H&E tiles not found at {path} (set HISTODIFF_TEST_DATA to the shared histology folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nct_crc_dir() -> Path:
+    """62 real NCT-CRC-HE tiles in 9 class folders."""
+    return _real("nct_crc")
+
+
+@pytest.fixture(scope="session")
+def unlabeled_dir() -> Path:
+    """Real unlabeled H&E tiles from several sources (one folder per source)."""
+    return _real("unlabeled")
+
+
+@pytest.fixture(scope="session")
+def kather2016_dir() -> Path:
+    """Kather 2016 tiles: a second labeled dataset with 8 classes."""
+    return _real("kather2016")
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    """Seeded toy tiles: 4 classes x 12 tiles at 32 px."""
+    from monai_histodiff.data.toy import make_toy_dataset
+
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(out, num_per_class=12, image_size=32, num_classes=4, seed=0)
+    return out
+
+
+@pytest.fixture()
+def corrupt_dir(tmp_path) -> Path:
+    """A folder of good and bad files: zero-byte, truncated PNG, text named .png, RGBA, grayscale, 16-bit."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "good_rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full((20, 20), 128, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "gray16.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    full = (tmp_path / "good_rgb.png").read_bytes()
+    big = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "tmp_big.png")
+    data = (tmp_path / "tmp_big.png").read_bytes()
+    (tmp_path / "tmp_big.png").unlink()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_text("this is not an image\n")
+    assert full
+    return tmp_path
