@@ -134,7 +134,7 @@ def write_datalist(data: dict[str, Any], path: str | os.PathLike) -> Path:
     for split in ("training", "validation", "test", "unlabeled"):
         if split in data:
             out[split] = [dict(it, image=os.path.relpath(os.path.abspath(it["image"]), base)) for it in data[split]]
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process: ranks may write the same list
     tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     return path

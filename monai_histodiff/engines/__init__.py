@@ -1,1 +1,113 @@
+"""Training engines and their plumbing: autoencoder (VAE-GAN) training, decoder fine-tuning, the latent cache,
+latent prepare-batch callables and the latent scale factor."""
 
+from __future__ import annotations
+
+__all__: list[str] = []
+
+# --- latent-side plumbing: latent cache, prepare-batch for stage 1 / stage 2, scale factor ---
+from monai_histodiff.engines.latent_cache import (  # noqa: E402
+    LATENT_MU_KEY,
+    LATENT_SIGMA_KEY,
+    CachedLatentDataset,
+    LatentCache,
+    encode_posteriors,
+    get_or_create_latent_cache,
+    unwrap_model,
+)
+from monai_histodiff.engines.prepare_batch import (  # noqa: E402
+    LatentDiffusionPrepareBatch,
+    NoisyLatentClassificationPrepareBatch,
+    resolve_scale_factor,
+    sample_latents,
+)
+from monai_histodiff.engines.scale_factor import RunningMoments, compute_scale_factor  # noqa: E402
+
+__all__ += [
+    "LATENT_MU_KEY",
+    "LATENT_SIGMA_KEY",
+    "CachedLatentDataset",
+    "LatentCache",
+    "encode_posteriors",
+    "get_or_create_latent_cache",
+    "unwrap_model",
+    "LatentDiffusionPrepareBatch",
+    "NoisyLatentClassificationPrepareBatch",
+    "resolve_scale_factor",
+    "sample_latents",
+    "RunningMoments",
+    "compute_scale_factor",
+]
+# --- end latent-side plumbing ---
+
+# --- stage 1 training: autoencoder trainer, losses, warm-up, device / DDP / sampler choices ---
+from monai_histodiff.engines.autoencoder import AutoencoderKLTrainer  # noqa: E402
+from monai_histodiff.engines.distributed import (  # noqa: E402
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    make_sampler,
+    prepare_network,
+    resolve_device,
+)
+from monai_histodiff.engines.losses import build_perceptual_loss, diffusion_loss, kl_divergence  # noqa: E402
+from monai_histodiff.engines.loading import (  # noqa: E402
+    checkpoint_classes,
+    load_autoencoder,
+    load_diffusion,
+    load_image_classifier,
+    load_latent_classifier,
+    scheduler_from_meta,
+)
+from monai_histodiff.engines.sampling import UnconditionalSampler  # noqa: E402
+from monai_histodiff.engines.schedules import LinearWarmup  # noqa: E402
+
+__all__ += [
+    "AutoencoderKLTrainer",
+    "cleanup_distributed",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_main_process",
+    "make_sampler",
+    "prepare_network",
+    "resolve_device",
+    "build_perceptual_loss",
+    "diffusion_loss",
+    "kl_divergence",
+    "LinearWarmup",
+    "checkpoint_classes",
+    "load_autoencoder",
+    "load_diffusion",
+    "load_image_classifier",
+    "load_latent_classifier",
+    "scheduler_from_meta",
+    "UnconditionalSampler",
+]
+# --- end stage 1 training ---
+
+# --- decoder fine-tuning (Eq. 5) ---
+from monai_histodiff.engines.decoder_finetune import (  # noqa: E402
+    DECODER_MODULES,
+    DecoderFinetuneTrainer,
+    decoder_parameters,
+    freeze_encoder,
+)
+
+__all__ += ["DECODER_MODULES", "DecoderFinetuneTrainer", "decoder_parameters", "freeze_encoder"]
+# --- end decoder fine-tuning ---
+
+# --- guided tile generation (bundles/generate.json) ---
+from monai_histodiff.engines.generation import (  # noqa: E402
+    MANIFEST_FIELDS,
+    GuidedTileGenerator,
+    merge_manifests,
+    read_manifest,
+    tile_filename,
+    tile_seed,
+)
+
+__all__ += ["MANIFEST_FIELDS", "GuidedTileGenerator", "merge_manifests", "read_manifest", "tile_filename", "tile_seed"]
+# --- end guided tile generation ---

@@ -1,1 +1,45 @@
+"""Ignite handlers: checkpoints with metadata, NaN guard, image grids, timestep accuracy, centroid selection."""
 
+from __future__ import annotations
+
+from monai_histodiff.handlers.checkpoint import (
+    CheckpointMismatchError,
+    StageCheckpointHandler,
+    checkpoint_meta,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+    verify_parent,
+)
+from monai_histodiff.handlers.image_grid import ImageGridHandler, SampleGridHandler, make_grid, save_grid
+from monai_histodiff.handlers.nan_guard import NaNGuard, loss_terms
+from monai_histodiff.handlers.scalars import LearningRateLogger
+
+__all__ = [
+    "CheckpointMismatchError",
+    "StageCheckpointHandler",
+    "checkpoint_meta",
+    "file_sha256",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_parent",
+    "ImageGridHandler",
+    "SampleGridHandler",
+    "make_grid",
+    "save_grid",
+    "NaNGuard",
+    "loss_terms",
+    "LearningRateLogger",
+]
+
+# --- latent classifier accuracy per timestep bucket ---
+from monai_histodiff.handlers.timestep_accuracy import TimestepBucketAccuracy, plot_timestep_accuracy  # noqa: E402
+
+__all__ += ["TimestepBucketAccuracy", "plot_timestep_accuracy"]
+# --- end latent classifier accuracy per timestep bucket ---
+
+# --- centroid-based selective augmentation ---
+from monai_histodiff.handlers.selection import CentroidSelectionHandler, read_generation_manifest  # noqa: E402
+
+__all__ += ["CentroidSelectionHandler", "read_generation_manifest"]
+# --- end centroid-based selective augmentation ---

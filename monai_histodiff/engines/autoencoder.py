@@ -1,0 +1,146 @@
+"""Ignite engine for KL-autoencoder pre-training (paper Eq. 4): L1 + lambda_KL * KL + perceptual + patch adversarial.
+
+The generator (MONAI ``AutoencoderKL``) and the discriminator (MONAI ``PatchDiscriminator``) are optimised in the
+same iteration; the adversarial terms start after ``adv_start`` iterations, as in the LDM recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import default_prepare_batch
+from monai.losses import PatchAdversarialLoss
+from monai.utils import min_version, optional_import
+
+from monai_histodiff.engines.losses import kl_divergence
+
+Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+
+__all__ = ["AutoencoderKLTrainer"]
+
+
+class AutoencoderKLTrainer(Trainer):
+    """Train an ``AutoencoderKL`` with L_LAE = L_rec(x_hat, x) + lambda_KL * D_KL(q(z) || N(0, I)) (paper Eq. 4).
+
+    L_rec = L1 + ``perceptual_weight`` * perceptual + ``adv_weight`` * patch adversarial (generator side). The
+    discriminator is updated in the same iteration with the least-squares patch GAN loss.
+
+    Args:
+        device: device of the run.
+        max_epochs: epochs to train.
+        train_data_loader: batches of ``{"image": [B, 3, H, W]}`` in [-1, 1].
+        autoencoder: MONAI ``AutoencoderKL`` (possibly DDP-wrapped).
+        g_optimizer: optimizer of the autoencoder.
+        discriminator: MONAI ``PatchDiscriminator`` or None (no adversarial term).
+        d_optimizer: optimizer of the discriminator.
+        kl_weight: lambda_KL (paper: 1e-6).
+        perceptual_loss: a loss module ``(recon, x) -> scalar`` or None.
+        perceptual_weight: its weight.
+        adv_weight: weight of the adversarial terms.
+        adv_start: iteration from which the adversarial terms are used.
+        epoch_length: iterations per epoch (default: the loader's length).
+        train_handlers: ignite handlers (stats, checkpoints, grids...).
+        amp: mixed precision on CUDA (autocast + GradScaler).
+        prepare_batch: MONAI prepare-batch callable.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        autoencoder: torch.nn.Module,
+        g_optimizer: torch.optim.Optimizer,
+        discriminator: torch.nn.Module | None = None,
+        d_optimizer: torch.optim.Optimizer | None = None,
+        kl_weight: float = 1e-6,
+        perceptual_loss: Callable | None = None,
+        perceptual_weight: float = 0.0,
+        adv_weight: float = 0.01,
+        adv_start: int = 0,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            prepare_batch=prepare_batch,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+        )
+        if discriminator is not None and d_optimizer is None:
+            raise ValueError("a discriminator needs d_optimizer")
+        self.autoencoder = autoencoder
+        self.g_optimizer = g_optimizer
+        self.discriminator = discriminator
+        self.d_optimizer = d_optimizer
+        self.kl_weight = kl_weight
+        self.perceptual_loss = perceptual_loss
+        self.perceptual_weight = perceptual_weight
+        self.adv_weight = adv_weight
+        self.adv_start = adv_start
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.d_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def _autocast(self):
+        return torch.autocast(device_type=torch.device(self.state.device).type, enabled=self.amp)
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    @staticmethod
+    def _check(terms: dict[str, torch.Tensor], iteration: int) -> None:
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"[pretrain_autoencoder] loss term '{name}' is {float(value)} at iteration "
+                                         f"{iteration}; lower the learning rate, disable AMP, or check the data")
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        self.autoencoder.train()
+        use_adv = self.discriminator is not None and engine.state.iteration > self.adv_start
+        with self._autocast():
+            recon, z_mu, z_sigma = self.autoencoder(x)
+        recon = recon.float()
+        terms = {"rec": torch.nn.functional.l1_loss(recon, x), "kl": kl_divergence(z_mu.float(), z_sigma.float())}
+        loss = terms["rec"] + self.kl_weight * terms["kl"]
+        if self.perceptual_loss is not None and self.perceptual_weight > 0:
+            terms["perceptual"] = self.perceptual_loss(recon, x)
+            loss = loss + self.perceptual_weight * terms["perceptual"]
+        if use_adv:
+            self.discriminator.train()
+            with self._autocast():
+                logits_fake = self.discriminator(recon)[-1]
+            terms["adv_g"] = self.adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
+            loss = loss + self.adv_weight * terms["adv_g"]
+        self._check({"loss": loss, **terms}, engine.state.iteration)
+        self._step(loss, self.g_optimizer, engine.scaler)
+
+        if use_adv:
+            with self._autocast():  # one forward for fake and real: one DDP reduction per backward
+                logits_fake, logits_real = self.discriminator(torch.cat([recon.detach(), x]))[-1].chunk(2)
+            d_loss = 0.5 * (self.adv_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
+                            + self.adv_loss(logits_real.float(), target_is_real=True, for_discriminator=True))
+            terms["adv_d"] = d_loss
+            self._check({"adv_d": d_loss}, engine.state.iteration)
+            self._step(self.adv_weight * d_loss, self.d_optimizer, self.d_scaler)
+
+        out: dict[str, Any] = {"image": x.detach(), "recon": recon.detach(), "loss": float(loss.detach())}
+        out.update({k: float(v.detach()) for k, v in terms.items()})
+        out["lr"] = self.g_optimizer.param_groups[0]["lr"]
+        return out

@@ -1,0 +1,617 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Guided tile generation: the engine behind ``bundles/generate.json``.
+
+:class:`GuidedTileGenerator` samples class-conditional synthetic tiles with
+:class:`~monai_histodiff.inferers.ClassifierGuidedLatentDiffusionInferer` and writes them as
+``<output_dir>/<CLASS>/<CLASS>_<index:06d>.png`` plus one manifest row per tile. It is deterministic per tile
+(independent of batch size and of how the work is sharded over ranks), resumable after a kill, and shardable over
+ranks without coordination beyond a final barrier.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.networks.schedulers import Scheduler
+from monai.utils import optional_import
+from PIL import Image
+
+from monai_histodiff.data.transforms import to_uint8_image
+from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
+from monai_histodiff.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler, respace_scheduler
+from monai_histodiff.selection.rules import quotas_from_ratio
+
+tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+
+__all__ = [
+    "MANIFEST_FIELDS",
+    "GuidedTileGenerator",
+    "merge_manifests",
+    "read_manifest",
+    "tile_filename",
+    "tile_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Fields of every manifest row.
+MANIFEST_FIELDS = (
+    "file",
+    "class",
+    "class_index",
+    "index",
+    "seed",
+    "guidance_scale",
+    "guidance_window",
+    "steps",
+    "scheduler",
+    "eta",
+    "checkpoint_hashes",
+    "confidence",
+)
+
+MERGED_MANIFEST = "manifest.jsonl"
+_RANK_MANIFEST_GLOB = "manifest.rank*.jsonl"
+
+
+def tile_seed(seed: int, class_index: int, index: int) -> int:
+    """
+    The seed of tile ``index`` of class ``class_index``: the first 8 bytes of
+    ``sha256(f"{seed}:{class_index}:{index}")`` as a big-endian integer, masked to 63 bits.
+
+    A hash (not a linear formula such as ``seed * 1_000_003 + c * 10_007 + i``) so that no two tiles of any class
+    share a seed however many tiles a class gets, and so that neighbouring seeds are unrelated. Stable across
+    Python / torch versions and platforms.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(class_index)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def tile_filename(class_name: str, index: int) -> str:
+    """Path of a tile relative to the output folder: ``<CLASS>/<CLASS>_<index:06d>.png``."""
+    return f"{class_name}/{class_name}_{int(index):06d}.png"
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """
+    Rows of a JSON-lines manifest; lines that do not parse to a dict with ``file``, ``class`` and ``index`` (e.g. a
+    last line truncated by a kill) are skipped. A missing file gives no rows.
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and all(k in row for k in ("file", "class", "index")):
+            rows.append(row)
+    return rows
+
+
+def _manifest_files(output_dir: str) -> list[str]:
+    """Every manifest of ``output_dir`` (rank files and the merged one), oldest modification first."""
+    paths = glob.glob(os.path.join(glob.escape(output_dir), _RANK_MANIFEST_GLOB))
+    merged = os.path.join(output_dir, MERGED_MANIFEST)
+    if os.path.isfile(merged):
+        paths.append(merged)
+    return sorted(paths, key=lambda p: (os.stat(p).st_mtime_ns, p))
+
+
+def _valid_rows(output_dir: str, paths: Iterable[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Rows of ``paths`` whose PNG exists, one per ``(class, index)``; a later row (newer file, later line) wins."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in paths:
+        for row in read_manifest(path):
+            if os.path.isfile(os.path.join(output_dir, str(row["file"]))):
+                rows[(str(row["class"]), int(row["index"]))] = row
+    return rows
+
+
+def _write_jsonl_atomic(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def merge_manifests(output_dir: str | os.PathLike) -> str:
+    """
+    Merge the rank manifests ``manifest.rank<r>.jsonl`` of ``output_dir`` (and any previous ``manifest.jsonl``) into
+    ``manifest.jsonl``, sorted by ``(class, index)``, one row per tile.
+
+    Unparsable lines and rows whose PNG is missing are dropped. When a tile has several rows (it was regenerated
+    after its PNG was lost), the row from the most recently modified file wins, the later line within a file.
+    The merged file is written to a temporary file and renamed, so readers never see a partial one.
+
+    Returns:
+        the path of the merged manifest.
+    """
+    output_dir = os.fspath(output_dir)
+    rows = _valid_rows(output_dir, _manifest_files(output_dir))
+    path = os.path.join(output_dir, MERGED_MANIFEST)
+    _write_jsonl_atomic(path, (rows[k] for k in sorted(rows)))
+    return path
+
+
+class _PerSampleNoiseMixin:
+    """
+    Draws the stochastic sampling noise of each sample from its own generator (``sample_generators[b]`` for sample
+    ``b``, on CPU, then moved to the sample's device), so that a tile's noise does not depend on the other tiles of
+    its batch. With one sample the noise equals what the base scheduler draws from that generator.
+    """
+
+    sample_generators: list[torch.Generator] | None = None
+
+    def _per_sample_noise(self, like: torch.Tensor) -> torch.Tensor:
+        gens = self.sample_generators
+        if gens is None or len(gens) != like.shape[0]:
+            got = None if gens is None else len(gens)
+            raise ValueError(f"need one generator per sample ({like.shape[0]}), got {got}.")
+        noise = torch.stack([torch.randn(tuple(like.shape[1:]), dtype=like.dtype, generator=g) for g in gens])
+        return noise.to(like.device)
+
+
+class _PerSampleNoiseDDPMScheduler(_PerSampleNoiseMixin, RespacedDDPMScheduler):
+    """Respaced DDPM whose posterior noise comes from per-sample generators (when set)."""
+
+    def sample_posterior(
+        self,
+        mean: torch.Tensor,
+        variance: torch.Tensor,
+        timestep: int | torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        if self.sample_generators is None:
+            return super().sample_posterior(mean, variance, timestep, generator)
+        if self.previous_timestep(timestep) < 0:
+            return mean
+        return mean + variance**0.5 * self._per_sample_noise(mean)
+
+
+class _PerSampleNoiseDDIMScheduler(_PerSampleNoiseMixin, RespacedDDIMScheduler):
+    """Respaced DDIM whose ``eta > 0`` noise comes from per-sample generators (when set); same update formula."""
+
+    def _update(
+        self,
+        pred_original_sample: torch.Tensor,
+        pred_epsilon: torch.Tensor,
+        timestep: int | torch.Tensor,
+        eta: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if eta <= 0 or self.sample_generators is None:
+            return super()._update(pred_original_sample, pred_epsilon, timestep, eta, generator)
+        # RespacedDDIMScheduler._update with the noise drawn per sample (kept term by term, see the equality test)
+        prev_timestep = self.previous_timestep(timestep)
+        alpha_prod_t_prev = self.alpha_bar(prev_timestep)
+        variance = self._get_variance(int(timestep), prev_timestep)
+        std_dev_t = eta * variance**0.5
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
+        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+        return prev_sample + variance**0.5 * eta * self._per_sample_noise(pred_epsilon)
+
+
+def _unwrap(model: Any) -> Any:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model`` itself."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def _per_sample_sampler(scheduler: Scheduler) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
+    """Respaced copy of ``scheduler`` (after ``set_timesteps``) that can draw its noise per sample."""
+    base = respace_scheduler(scheduler)
+    if isinstance(base, RespacedDDIMScheduler):
+        return _PerSampleNoiseDDIMScheduler.from_scheduler(base)  # type: ignore[return-value]
+    return _PerSampleNoiseDDPMScheduler.from_scheduler(base)  # type: ignore[return-value]
+
+
+class GuidedTileGenerator:
+    """
+    Generate ``counts[c]`` classifier-guided synthetic tiles per class, resumably and shardably (HistoDiffusion's
+    synthesis stage, Ye et al. MICCAI 2023, Sec. 2 Eq. 7-8; the decoder is the fine-tuned ``D'``).
+
+    Output layout::
+
+        output_dir/<CLASS>/<CLASS>_<index:06d>.png     one tile (written to a temporary file, then renamed)
+        output_dir/manifest.rank<r>.jsonl              one row per finished tile of rank r (see MANIFEST_FIELDS)
+        output_dir/manifest.jsonl                      merged rows, sorted by (class, index) (see merge_manifests)
+        output_dir/grids/<CLASS>.png                   the first up to 16 tiles of the class
+
+    Determinism. Tile ``index`` of class ``c`` gets its own CPU ``torch.Generator`` seeded with
+    :func:`tile_seed` ``(seed, c, index)``; it draws the tile's initial noise ``z_T`` and then, for DDPM or DDIM with
+    ``eta > 0``, the tile's noise of every sampling step (the scheduler is wrapped so that each sample of a batch
+    draws from its own generator). A tile therefore does not depend on the batch size, on which other tiles share
+    its batch, or on the rank that makes it, up to the floating-point behaviour of the networks for different batch
+    sizes (bit-exact on CPU in the tests; GPU kernels chosen per batch size may differ in the last bits, rarely
+    changing a pixel after rounding to uint8). Noise is drawn on CPU, so it is the same on every device.
+
+    Sharding. The work list is every ``(class, index)`` pair, classes in ``class_names`` order and indices
+    ascending; rank ``r`` of ``W`` takes the pairs whose position ``p`` satisfies ``p % W == r``. ``rank`` and
+    ``world_size`` default to the initialised process group, else 0 and 1; passing them explicitly runs one shard
+    without ``torch.distributed``.
+
+    Resume. A tile is done when a manifest row for it exists (in any manifest of ``output_dir``) and its PNG
+    exists. On start, this rank rewrites its own manifest keeping only such rows (which also drops a last line
+    truncated by a kill); PNGs without a row are regenerated and overwritten, rows without a PNG are dropped and
+    their tiles regenerated. Rows are appended only after the batch's PNGs are complete, and flushed and fsynced
+    per batch, so rerunning after a kill completes exactly the missing tiles.
+
+    Args:
+        inferer: the guided inferer (holds ``scale_factor``).
+        autoencoder: first-stage model whose decoder is the fine-tuned ``D'``.
+        diffusion_model: the unconditional latent diffusion model.
+        classifier: time-conditioned latent classifier ``classifier(z_t, timesteps) -> logits``.
+        scheduler: DDPM or DDIM scheduler (MONAI's or respaced); ``set_timesteps(num_inference_steps)`` is called
+            on it.
+        num_inference_steps: number of sampling steps.
+        class_names: class names in label-index order (also the folder and file name prefixes).
+        counts: tiles to generate per class, ``{name: count}`` (missing names: 0) or one count per class.
+        latent_shape: ``[C, h, w]`` of the diffusion model's latents.
+        output_dir: the output folder.
+        guidance_scale: classifier guidance scale ``g`` (0: unguided).
+        guidance_window: ``(t_min, t_max)``; guide only those timesteps (all when None).
+        eta: DDIM stochasticity (ignored by DDPM).
+        batch_size: tiles per sampling batch.
+        seed: base seed of :func:`tile_seed`.
+        device: device to sample on; CUDA when available if None.
+        amp: run the diffusion model under autocast.
+        classifier_batch_size: micro-batch of the guidance gradient (and of the confidence).
+        checkpoint_hashes: hashes of the checkpoints used, recorded in every row.
+        rank: this process's shard; from ``torch.distributed`` (else 0) when None.
+        world_size: number of shards; from ``torch.distributed`` (else 1) when None.
+        progress: show a tqdm progress bar over this rank's tiles.
+        grid_size: number of tiles in each class's sample grid (0: no grids).
+    """
+
+    def __init__(
+        self,
+        *,
+        inferer: ClassifierGuidedLatentDiffusionInferer,
+        autoencoder: torch.nn.Module,
+        diffusion_model: torch.nn.Module,
+        classifier: torch.nn.Module,
+        scheduler: Scheduler,
+        num_inference_steps: int,
+        class_names: Sequence[str],
+        counts: Mapping[str, int] | Sequence[int],
+        latent_shape: Sequence[int],
+        output_dir: str | os.PathLike,
+        guidance_scale: float = 1.0,
+        guidance_window: Sequence[int] | None = None,
+        eta: float = 0.0,
+        batch_size: int = 16,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        classifier_batch_size: int | None = None,
+        checkpoint_hashes: Mapping[str, str] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        progress: bool = True,
+        grid_size: int = 16,
+    ) -> None:
+        self.class_names = [str(c) for c in class_names]
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must be non-empty and unique, got {self.class_names}.")
+        for name in self.class_names:
+            if not name or name in (".", "..") or "/" in name or os.sep in name:
+                raise ValueError(f"class name {name!r} cannot be used as a folder name.")
+        self.counts = self._resolve_counts(counts, self.class_names)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        is_dist = dist.is_available() and dist.is_initialized()
+        self.rank = int(rank) if rank is not None else (dist.get_rank() if is_dist else 0)
+        self.world_size = int(world_size) if world_size is not None else (dist.get_world_size() if is_dist else 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}.")
+
+        self.inferer = inferer
+        self.autoencoder = autoencoder
+        self.diffusion_model = diffusion_model
+        self.classifier = classifier
+        self.scheduler = scheduler
+        self.num_inference_steps = int(num_inference_steps)
+        self.output_dir = os.fspath(output_dir)
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_window = None if guidance_window is None else (int(guidance_window[0]), int(guidance_window[1]))
+        self.eta = float(eta)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        self.amp = bool(amp)
+        self.classifier_batch_size = classifier_batch_size
+        self.checkpoint_hashes = dict(checkpoint_hashes or {})
+        self.progress = progress
+        self.grid_size = int(grid_size)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def counts_from_ratio(real_counts: Sequence[int], ratio: float) -> list[int]:
+        """
+        Tiles to generate per class for an augmentation ratio (the paper's 50/100/200/300 %): ``round(ratio * n)``
+        for each real class count ``n`` (Python's round, half to even; same as
+        :func:`monai_histodiff.selection.quotas_from_ratio`).
+        """
+        quotas = quotas_from_ratio(list(real_counts), ratio)
+        return [quotas[k] for k in range(len(real_counts))]
+
+    @staticmethod
+    def _resolve_counts(counts: Mapping[str, int] | Sequence[int], class_names: list[str]) -> list[int]:
+        if isinstance(counts, Mapping):
+            unknown = [k for k in counts if str(k) not in class_names]
+            if unknown:
+                raise ValueError(f"counts given for unknown class(es) {unknown}; classes are {class_names}.")
+            out = [int(counts.get(name, 0)) for name in class_names]
+        else:
+            out = [int(c) for c in counts]
+            if len(out) != len(class_names):
+                raise ValueError(f"counts has {len(out)} entries but there are {len(class_names)} classes.")
+        if any(c < 0 for c in out):
+            raise ValueError(f"counts must be non-negative, got {out}.")
+        return out
+
+    @property
+    def manifest_path(self) -> str:
+        """This rank's manifest, ``output_dir/manifest.rank<r>.jsonl``."""
+        return os.path.join(self.output_dir, f"manifest.rank{self.rank}.jsonl")
+
+    def work_list(self) -> list[tuple[int, int]]:
+        """Every ``(class_index, index)`` pair in the fixed order (classes, then indices ascending)."""
+        return [(c, i) for c, n in enumerate(self.counts) for i in range(n)]
+
+    def shard(self) -> list[tuple[int, int]]:
+        """This rank's pairs: positions ``p`` of :meth:`work_list` with ``p % world_size == rank``."""
+        return [pair for p, pair in enumerate(self.work_list()) if p % self.world_size == self.rank]
+
+    def tile_path(self, class_index: int, index: int) -> str:
+        """Absolute path of a tile."""
+        return os.path.join(self.output_dir, tile_filename(self.class_names[class_index], index))
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "guidance_scale": self.guidance_scale,
+            "guidance_window": None if self.guidance_window is None else list(self.guidance_window),
+            "steps": self.num_inference_steps,
+            "scheduler": type(self.scheduler).__name__,
+            "eta": self.eta,
+            "checkpoint_hashes": self.checkpoint_hashes,
+        }
+
+    def _scan_done(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """Tiles done on disk (row and PNG); rewrites this rank's manifest with only its valid rows."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        done = _valid_rows(self.output_dir, _manifest_files(self.output_dir))
+        own = _valid_rows(self.output_dir, [self.manifest_path])
+        if os.path.exists(self.manifest_path):
+            _write_jsonl_atomic(self.manifest_path, (own[k] for k in sorted(own)))
+        return done
+
+    # ------------------------------------------------------------------ sampling
+    def _sampler(self) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
+        self.scheduler.set_timesteps(self.num_inference_steps)
+        return _per_sample_sampler(self.scheduler)
+
+    @torch.no_grad()
+    def generate_batch(
+        self, pairs: Sequence[tuple[int, int]], sampler: Scheduler | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Sample the tiles ``pairs`` (``(class_index, index)``) in one batch.
+
+        Returns:
+            the decoded tiles ``[B, 3, H, W]`` (on CPU, float32) and the classifier's softmax probability of each
+            requested class at ``t = 0`` on the final latent, ``[B]`` (the latent the inferer returns, i.e. after its
+            crop to ``autoencoder_latent_shape`` when that is set).
+        """
+        sampler = sampler if sampler is not None else self._sampler()
+        generators = [torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, c, i)) for c, i in pairs]
+        noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
+        labels = torch.tensor([c for c, _ in pairs], dtype=torch.long, device=self.device)
+        sampler.sample_generators = generators  # type: ignore[union-attr]
+        try:
+            images, latents = self.inferer.sample(
+                input_noise=noise,
+                autoencoder_model=_unwrap(self.autoencoder),
+                diffusion_model=_unwrap(self.diffusion_model),
+                classifier=_unwrap(self.classifier),
+                labels=labels,
+                scheduler=sampler,
+                guidance_scale=self.guidance_scale,
+                guidance_window=self.guidance_window,
+                classifier_batch_size=self.classifier_batch_size,
+                eta=self.eta,
+                verbose=False,
+                generator=None,
+                return_latents=True,
+                amp=self.amp,
+            )
+        finally:
+            sampler.sample_generators = None  # type: ignore[union-attr]
+        classifier = _unwrap(self.classifier)
+        size = self.classifier_batch_size or latents.shape[0]
+        probs = []
+        for z, y in zip(latents.float().split(size), labels.split(size)):
+            t0 = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+            probs.append(torch.softmax(classifier(z, t0).float(), dim=-1).gather(1, y[:, None])[:, 0])
+        return images.float().cpu(), torch.cat(probs).cpu()
+
+    def _write_tile(self, image: torch.Tensor, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        with open(tmp, "wb") as f:
+            Image.fromarray(to_uint8_image(image)).save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def run(self) -> dict[str, Any]:
+        """
+        Generate this rank's missing tiles, then (after a barrier when running distributed) merge the manifests and
+        write the sample grids on rank 0. Manually sharded ranks (``rank`` / ``world_size`` passed, no process
+        group) should call :meth:`finalize` once every rank is done.
+
+        Returns:
+            a summary: ``rank``, ``world_size``, ``assigned`` (this rank's tiles), ``generated``,
+            ``skipped_existing``, ``per_class`` (generated per class name), ``per_class_skipped``, ``manifest`` (this
+            rank's manifest path) and ``seconds``.
+        """
+        start = time.perf_counter()
+        done = self._scan_done()
+        shard = self.shard()
+        todo = [(c, i) for c, i in shard if (self.class_names[c], i) not in done]
+        self._warn_on_changed_settings(done, shard)
+        per_class = dict.fromkeys(self.class_names, 0)
+        per_class_skipped = dict.fromkeys(self.class_names, 0)
+        for c, i in shard:
+            if (self.class_names[c], i) in done:
+                per_class_skipped[self.class_names[c]] += 1
+
+        for model in (self.autoencoder, self.diffusion_model, self.classifier):
+            model.to(self.device).eval()
+        sampler = self._sampler()
+        settings = self._settings()
+        bar = None
+        if self.progress and has_tqdm:
+            bar = tqdm(total=len(todo), desc=f"generate (rank {self.rank})", unit="tile")
+        generated = 0
+        try:
+            with open(self.manifest_path, "a", encoding="utf-8") as manifest:
+                for b in range(0, len(todo), self.batch_size):
+                    pairs = todo[b : b + self.batch_size]
+                    images, confidence = self.generate_batch(pairs, sampler)
+                    rows = []
+                    for (c, i), image, conf in zip(pairs, images, confidence.tolist()):
+                        self._write_tile(image, self.tile_path(c, i))
+                        rows.append(
+                            {
+                                "file": tile_filename(self.class_names[c], i),
+                                "class": self.class_names[c],
+                                "class_index": c,
+                                "index": i,
+                                "seed": tile_seed(self.seed, c, i),
+                                **settings,
+                                "confidence": float(conf),
+                            }
+                        )
+                    manifest.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+                    manifest.flush()
+                    os.fsync(manifest.fileno())
+                    generated += len(pairs)
+                    for c, _ in pairs:
+                        per_class[self.class_names[c]] += 1
+                    if bar is not None:
+                        bar.update(len(pairs))
+        finally:
+            if bar is not None:
+                bar.close()
+
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            dist.barrier()
+        if self.rank == 0:
+            self.finalize()
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "assigned": len(shard),
+            "generated": generated,
+            "skipped_existing": len(shard) - len(todo),
+            "per_class": per_class,
+            "per_class_skipped": per_class_skipped,
+            "manifest": self.manifest_path,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _warn_on_changed_settings(self, done: Mapping[tuple[str, int], Mapping[str, Any]], shard: list) -> None:
+        settings = self._settings()
+        changed = 0
+        for c, i in shard:
+            row = done.get((self.class_names[c], i))
+            if row is None:
+                continue
+            expected = {**settings, "seed": tile_seed(self.seed, c, i)}
+            if any(row.get(k) != v for k, v in expected.items()):
+                changed += 1
+        if changed:
+            logger.warning(
+                f"{changed} existing tile(s) in {self.output_dir} were made with other settings (seed, guidance, "
+                "scheduler, steps, eta or checkpoints); they are kept, not regenerated. Use a new output_dir to redo "
+                "them."
+            )
+
+    # ------------------------------------------------------------------ outputs
+    def finalize(self) -> str:
+        """Merge the manifests into ``manifest.jsonl`` and write the class grids; returns the merged manifest path."""
+        path = merge_manifests(self.output_dir)
+        self.write_grids()
+        return path
+
+    def write_grids(self) -> list[str]:
+        """
+        Write ``output_dir/grids/<CLASS>.png``: the first up to ``grid_size`` tiles of each class present on disk
+        (by index), in a square-ish grid. Returns the paths written.
+        """
+        if self.grid_size < 1:
+            return []
+        written = []
+        for c, name in enumerate(self.class_names):
+            tiles = []
+            for i in range(self.counts[c]):
+                if len(tiles) == self.grid_size:
+                    break
+                path = self.tile_path(c, i)
+                if os.path.isfile(path):
+                    with Image.open(path) as img:
+                        tiles.append(np.asarray(img.convert("RGB")))
+            if not tiles:
+                continue
+            h, w = tiles[0].shape[:2]
+            cols = math.ceil(math.sqrt(len(tiles)))
+            rows = math.ceil(len(tiles) / cols)
+            grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+            for k, tile in enumerate(tiles):
+                r, q = divmod(k, cols)
+                grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = tile[:h, :w]
+            out = os.path.join(self.output_dir, "grids", f"{name}.png")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            tmp = f"{out}.tmp.{os.getpid()}"
+            Image.fromarray(grid).save(tmp, format="PNG")
+            os.replace(tmp, out)
+            written.append(out)
+        return written

@@ -1,0 +1,108 @@
+"""Build networks from the self-describing checkpoints of earlier stages, checking that they belong together.
+
+Every checkpoint stores the constructor arguments of its network (``meta["config"]``) and the sha256 of the
+checkpoints it was built on (``meta["parents"]``). Later stages and other sites rebuild networks from those, never
+from retyped settings, and a mismatched pair (a diffusion model with another autoencoder, a fine-tuned decoder of
+another autoencoder) is a clear error naming both files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from monai_histodiff.handlers.checkpoint import load_checkpoint, verify_parent
+
+__all__ = [
+    "load_autoencoder",
+    "load_diffusion",
+    "load_image_classifier",
+    "load_latent_classifier",
+    "scheduler_from_meta",
+    "checkpoint_classes",
+]
+
+
+def load_autoencoder(path: str | os.PathLike, decoder_path: str | os.PathLike | None = None,
+                     device: str | torch.device = "cpu") -> AutoencoderKL:
+    """The pre-trained ``AutoencoderKL``; with ``decoder_path``, its decoder replaced by the fine-tuned D'.
+
+    The fine-tuned decoder checkpoint must have been made from this very autoencoder (checked by hash).
+    """
+    ckpt = load_checkpoint(path, stage="pretrain_autoencoder")
+    model = AutoencoderKL(**ckpt["meta"]["config"]["autoencoder_args"])
+    model.load_state_dict(ckpt["state"]["autoencoder"])
+    if decoder_path is not None:
+        dec = load_checkpoint(decoder_path, stage="finetune")
+        verify_parent(dec, "autoencoder", path)
+        model.load_state_dict(dec["state"]["decoder"], strict=False)
+    return model.to(device).eval()
+
+
+def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike | None = None,
+                   device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[DiffusionModelUNet, dict[str, Any]]:
+    """The pre-trained diffusion UNet (EMA weights when stored and ``use_ema``) and its checkpoint ``meta``.
+
+    ``meta`` holds ``scale_factor``, ``latent_shape`` and ``config["scheduler_args"]``. With ``autoencoder_path``
+    the diffusion model is checked to have been trained on that autoencoder's latents.
+    """
+    ckpt = load_checkpoint(path, stage="pretrain_diffusion")
+    if autoencoder_path is not None:
+        verify_parent(ckpt, "autoencoder", autoencoder_path)
+    model = DiffusionModelUNet(**ckpt["meta"]["config"]["diffusion_args"])
+    state = ckpt["state"]
+    if use_ema and "ema" in state:
+        model.load_state_dict(state["ema"])
+    else:
+        model.load_state_dict(state["diffusion"])
+    return model.to(device).eval(), ckpt["meta"]
+
+
+def scheduler_from_meta(meta: dict[str, Any], kind: str = "ddim", num_inference_steps: int | None = None):
+    """The noise scheduler a diffusion checkpoint was trained with (same betas), as DDPM or DDIM for sampling."""
+    args = dict(meta["config"]["scheduler_args"])
+    if kind == "ddpm":
+        scheduler = DDPMScheduler(**args)
+    elif kind == "ddim":
+        args.pop("variance_type", None)
+        scheduler = DDIMScheduler(**args)
+    else:
+        raise ValueError(f"scheduler kind must be 'ddpm' or 'ddim', got {kind!r}")
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+def load_image_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The auxiliary image classifier phi (a ``HistoImageClassifier``) of stage ``train_aux_classifier``."""
+    from monai_histodiff.networks import HistoImageClassifier
+
+    ckpt = load_checkpoint(path, stage="train_aux_classifier")
+    model = HistoImageClassifier(**ckpt["meta"]["config"]["network_args"])
+    model.load_state_dict(ckpt["state"]["classifier"])
+    return model.to(device).eval()
+
+
+def load_latent_classifier(path: str | os.PathLike, diffusion_path: str | os.PathLike | None = None,
+                           device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The time-dependent latent classifier phi_latent(z_t, t); checked against the diffusion checkpoint if given."""
+    from monai_histodiff.networks import TimeConditionedLatentClassifier
+
+    ckpt = load_checkpoint(path, stage="train_latent_classifier")
+    if diffusion_path is not None:
+        verify_parent(ckpt, "diffusion", diffusion_path)
+    model = TimeConditionedLatentClassifier(**ckpt["meta"]["config"]["network_args"])
+    model.load_state_dict(ckpt["state"]["classifier"])
+    return model.to(device).eval()
+
+
+def checkpoint_classes(path: str | os.PathLike) -> list[str]:
+    """Class names recorded in a checkpoint."""
+    classes = load_checkpoint(path)["meta"].get("classes")
+    if not classes:
+        raise ValueError(f"{path} records no class names")
+    return list(classes)

@@ -1,0 +1,50 @@
+"""Unconditional sample grids during diffusion pre-training (what the pre-trained model generates, unguided)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.inferers import LatentDiffusionInferer
+from monai.networks.schedulers import DDIMScheduler
+
+from monai_histodiff.engines.latent_cache import unwrap_model
+from monai_histodiff.engines.prepare_batch import resolve_scale_factor
+
+__all__ = ["UnconditionalSampler"]
+
+
+class UnconditionalSampler:
+    """Callable drawing ``num_samples`` decoded tiles with DDIM from the current (or EMA) diffusion weights.
+
+    Uses MONAI's own ``LatentDiffusionInferer.sample`` with a DDIM scheduler of the training betas at
+    ``num_inference_steps``; the seed is fixed so successive grids show the same noise decoded by a better model.
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, diffusion_model: torch.nn.Module | Callable[[], torch.nn.Module],
+                 scheduler_args: dict, scale_factor: float | Callable, latent_shape: Sequence[int],
+                 num_samples: int = 16, num_inference_steps: int = 50, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
+        self.autoencoder = autoencoder
+        self.diffusion_model = diffusion_model
+        args = dict(scheduler_args)
+        args.pop("variance_type", None)
+        self.scheduler = DDIMScheduler(**args)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.scale_factor = scale_factor
+        self.latent_shape = tuple(latent_shape)
+        self.num_samples = num_samples
+        self.device = torch.device(device)
+        self.seed = seed
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
+        model = unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        inferer = LatentDiffusionInferer(self.scheduler, scale_factor=resolve_scale_factor(self.scale_factor))
+        noise = torch.randn((self.num_samples, *self.latent_shape), generator=torch.Generator().manual_seed(self.seed))
+        images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, verbose=False)
+        model.train(was_training)
+        return images.float().clamp(-1, 1)

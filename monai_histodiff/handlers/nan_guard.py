@@ -1,0 +1,60 @@
+"""Stop a run at the first non-finite loss, naming the loss term and the iteration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.utils import min_version, optional_import
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+
+__all__ = ["NaNGuard", "loss_terms"]
+
+
+def loss_terms(output: object) -> dict[str, float]:
+    """The scalar entries of an engine output (``loss``, ``rec``, ``kl``, ``lr``...), for stats and TensorBoard.
+
+    Works on our trainers' dict outputs and on MONAI's SupervisedTrainer output (``{"loss": tensor, ...}``), also
+    after decollation (a list of per-item dicts: the first item carries the batch loss).
+    """
+    if isinstance(output, Sequence) and not isinstance(output, str) and output and isinstance(output[0], dict):
+        output = output[0]
+    if not isinstance(output, dict):
+        return {"loss": float(output)} if isinstance(output, (int, float, torch.Tensor)) else {}
+    terms = {}
+    for k, v in output.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            terms[str(k)] = float(v)
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            terms[str(k)] = float(v.detach())
+    return terms
+
+
+class NaNGuard:
+    """Ignite handler raising ``FloatingPointError`` when any scalar loss term of an iteration is NaN or infinite.
+
+    Args:
+        stage: name used in the message (e.g. ``pretrain_diffusion``).
+        keys: the terms to watch (default: every scalar term of the output except ``lr``).
+    """
+
+    def __init__(self, stage: str = "", keys: Sequence[str] | None = None) -> None:
+        self.stage = stage
+        self.keys = keys
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        terms = loss_terms(engine.state.output)
+        for k in self.keys or [k for k in terms if k != "lr"]:
+            v = terms.get(k)
+            if v is not None and not math.isfinite(v):
+                where = f"[{self.stage}] " if self.stage else ""
+                raise FloatingPointError(
+                    f"{where}loss term '{k}' is {v} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
+                    f"lower the learning rate, disable AMP, or check the input data"
+                )
