@@ -14,6 +14,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["monai_histodiff", "monai_histodiff.*"]),
+    package_data={"monai_histodiff": ["resources/*.json"]},
     install_requires=[
         "monai>=1.6,<1.7",
         "torch>=2.8",

@@ -78,6 +78,18 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.output_dir, dataset_dir=a.dataset_dir, unlabeled_dir=a.unlabeled_dir)
 
 
+def _cmd_export_bundle(a: argparse.Namespace) -> int:
+    from monai_histodiff.bundle_export import META_SCHEMA_FILE, export_bundle
+
+    out = export_bundle(a.checkpoint, a.output, name=a.name, version=a.version, overwrite=a.overwrite)
+    print(f"wrote the MONAI bundle {out}")
+    print(f"  verify: python -m monai.bundle verify_metadata --meta_file {out}/configs/metadata.json "
+          f"--filepath {META_SCHEMA_FILE}")
+    print(f"  run:    python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
+          f"--dataset_dir <tiles>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per task."""
     p = argparse.ArgumentParser(prog="python -m monai_histodiff", description=__doc__.splitlines()[0])
@@ -131,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dataset_dir", default=None, help="labeled class-folder tree (default: $HISTODIFF_DATA or toy)")
     m.add_argument("--unlabeled_dir", default=None, help="unlabeled sources parent (default: $HISTODIFF_UNLABELED)")
     m.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser("export-bundle", help="export a downstream classifier checkpoint as a MONAI model-zoo bundle")
+    e.add_argument("--checkpoint", required=True, help="checkpoint of the train_downstream stage")
+    e.add_argument("--output", required=True, help="bundle folder to write")
+    e.add_argument("--name", default=None, help="bundle name (default: the folder name)")
+    e.add_argument("--version", default="0.1.0", help="bundle version")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    e.set_defaults(func=_cmd_export_bundle)
     return p
 
 

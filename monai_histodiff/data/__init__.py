@@ -14,7 +14,7 @@ from monai_histodiff.data.datalist import (
     write_datalist,
 )
 from monai_histodiff.data.download import DATASETS, download_dataset
-from monai_histodiff.data.prepare import load_labeled, prepare_labeled_split, prepare_unlabeled
+from monai_histodiff.data.prepare import ensure_split, load_labeled, prepare_labeled_split, prepare_unlabeled
 from monai_histodiff.data.split import make_split, stratified_sample, write_split
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
 from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
@@ -32,6 +32,7 @@ __all__ = [
     "write_datalist",
     "DATASETS",
     "download_dataset",
+    "ensure_split",
     "load_labeled",
     "prepare_labeled_split",
     "prepare_unlabeled",

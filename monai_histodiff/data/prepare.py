@@ -16,7 +16,7 @@ from monai_histodiff.data.split import make_split
 from monai_histodiff.data.unlabeled import unlabeled_datalist
 from monai_histodiff.data.validation import scan_images
 
-__all__ = ["load_labeled", "prepare_labeled_split", "prepare_unlabeled"]
+__all__ = ["load_labeled", "prepare_labeled_split", "prepare_unlabeled", "ensure_split"]
 
 
 def load_labeled(source: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
@@ -82,3 +82,37 @@ def prepare_unlabeled(
     data["bad_files"] = bad
     write_datalist(data, output)
     return data
+
+
+def ensure_split(
+    split_file: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    test_dir: str | os.PathLike | None = None,
+    bad_files: str = "skip",
+) -> dict[str, Any]:
+    """Load the split datalist, drawing it first from ``dataset_dir`` when the file does not exist yet.
+
+    Every labeled stage calls this, so the first one run at a site writes the split and all later stages (and
+    reruns) read the very same file. Image paths come back absolute.
+    """
+    from monai_histodiff.data.datalist import load_datalist
+
+    split_file = Path(split_file)
+    if not split_file.is_file():
+        if dataset_dir is None:
+            raise FileNotFoundError(f"split file {split_file} does not exist and no dataset_dir was given to draw it")
+        if per_class is not None:  # a per-class count, when given, wins over the (default) fraction
+            fraction = None
+        elif fraction is None:
+            fraction = 0.05
+        prepare_labeled_split(dataset_dir, split_file, fraction=fraction, per_class=per_class,
+                              val_fraction=val_fraction, seed=seed, test_dataset=test_dir, bad_files=bad_files)
+    split = load_datalist(split_file)
+    for key in ("classes", "training"):
+        if not split.get(key):
+            raise ValueError(f"split file {split_file} has no '{key}'")
+    return split

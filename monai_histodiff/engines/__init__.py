@@ -54,14 +54,18 @@ from monai_histodiff.engines.distributed import (  # noqa: E402
 )
 from monai_histodiff.engines.losses import build_perceptual_loss, diffusion_loss, kl_divergence  # noqa: E402
 from monai_histodiff.engines.loading import (  # noqa: E402
+    check_classes,
     checkpoint_classes,
+    diffusion_meta,
     load_autoencoder,
     load_diffusion,
     load_image_classifier,
     load_latent_classifier,
+    load_feature_extractor,
+    load_tile_classifier,
     scheduler_from_meta,
 )
-from monai_histodiff.engines.sampling import UnconditionalSampler  # noqa: E402
+from monai_histodiff.engines.sampling import ReconstructionComparison, UnconditionalSampler  # noqa: E402
 from monai_histodiff.engines.schedules import LinearWarmup  # noqa: E402
 
 __all__ += [
@@ -78,13 +82,18 @@ __all__ += [
     "diffusion_loss",
     "kl_divergence",
     "LinearWarmup",
+    "check_classes",
     "checkpoint_classes",
+    "diffusion_meta",
     "load_autoencoder",
     "load_diffusion",
     "load_image_classifier",
     "load_latent_classifier",
+    "load_feature_extractor",
+    "load_tile_classifier",
     "scheduler_from_meta",
     "UnconditionalSampler",
+    "ReconstructionComparison",
 ]
 # --- end stage 1 training ---
 
@@ -92,11 +101,12 @@ __all__ += [
 from monai_histodiff.engines.decoder_finetune import (  # noqa: E402
     DECODER_MODULES,
     DecoderFinetuneTrainer,
+    DecoderView,
     decoder_parameters,
     freeze_encoder,
 )
 
-__all__ += ["DECODER_MODULES", "DecoderFinetuneTrainer", "decoder_parameters", "freeze_encoder"]
+__all__ += ["DECODER_MODULES", "DecoderFinetuneTrainer", "DecoderView", "decoder_parameters", "freeze_encoder"]
 # --- end decoder fine-tuning ---
 
 # --- guided tile generation (bundles/generate.json) ---

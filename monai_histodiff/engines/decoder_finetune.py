@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["DECODER_MODULES", "DecoderFinetuneTrainer", "decoder_parameters", "freeze_encoder"]
+__all__ = ["DECODER_MODULES", "DecoderFinetuneTrainer", "DecoderView", "decoder_parameters", "freeze_encoder"]
 
 DECODER_MODULES: tuple[str, ...] = ("post_quant_conv", "decoder")
 """Children of :class:`monai.networks.nets.AutoencoderKL` that form the decoder :math:`\\mathcal{D}`; every other child
@@ -392,3 +392,21 @@ def _class_targets(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             f"K={logits.shape[1]}; got shape {tuple(labels.shape)}."
         )
     return labels.reshape(-1).long()
+
+
+class DecoderView:
+    """The decoder side of an ``AutoencoderKL`` as a checkpointable object: ``state_dict()`` holds only the
+    ``post_quant_conv.*`` and ``decoder.*`` entries, so the fine-tuned D' is saved as its own small checkpoint and the
+    pre-trained autoencoder file is never modified. ``load_state_dict`` puts those entries back (used on resume)."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        self.autoencoder = autoencoder.module if hasattr(autoencoder, "module") else autoencoder
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.autoencoder.state_dict().items() if k.split(".", 1)[0] in DECODER_MODULES}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unexpected = [k for k in state if k.split(".", 1)[0] not in DECODER_MODULES]
+        if unexpected:
+            raise KeyError(f"not decoder weights: {unexpected[:3]}")
+        self.autoencoder.load_state_dict(state, strict=False)

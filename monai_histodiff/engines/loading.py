@@ -22,8 +22,12 @@ __all__ = [
     "load_diffusion",
     "load_image_classifier",
     "load_latent_classifier",
+    "load_tile_classifier",
+    "load_feature_extractor",
     "scheduler_from_meta",
+    "diffusion_meta",
     "checkpoint_classes",
+    "check_classes",
 ]
 
 
@@ -39,6 +43,9 @@ def load_autoencoder(path: str | os.PathLike, decoder_path: str | os.PathLike | 
     if decoder_path is not None:
         dec = load_checkpoint(decoder_path, stage="finetune")
         verify_parent(dec, "autoencoder", path)
+        missing = set(dec["state"]["decoder"]) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"{decoder_path} holds weights {sorted(missing)[:3]}... that {path} does not have")
         model.load_state_dict(dec["state"]["decoder"], strict=False)
     return model.to(device).eval()
 
@@ -60,6 +67,15 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     else:
         model.load_state_dict(state["diffusion"])
     return model.to(device).eval(), ckpt["meta"]
+
+
+def diffusion_meta(path: str | os.PathLike, autoencoder_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The ``meta`` of a diffusion checkpoint (scale factor, scheduler settings, latent shape) without building the
+    UNet; checked against ``autoencoder_path`` when given."""
+    ckpt = load_checkpoint(path, stage="pretrain_diffusion")
+    if autoencoder_path is not None:
+        verify_parent(ckpt, "autoencoder", autoencoder_path)
+    return ckpt["meta"]
 
 
 def scheduler_from_meta(meta: dict[str, Any], kind: str = "ddim", num_inference_steps: int | None = None):
@@ -100,9 +116,39 @@ def load_latent_classifier(path: str | os.PathLike, diffusion_path: str | os.Pat
     return model.to(device).eval()
 
 
+def load_tile_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The downstream tissue classifier (a ``TileClassifier``) of stage ``train_downstream``."""
+    from monai_histodiff.networks import TileClassifier
+
+    ckpt = load_checkpoint(path, stage="train_downstream")
+    model = TileClassifier(**ckpt["meta"]["config"]["network_args"])
+    model.load_state_dict(ckpt["state"]["classifier"])
+    return model.to(device).eval()
+
+
+def load_feature_extractor(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A classifier trained on real labeled tiles, as a feature extractor (its ``features(x)``): the auxiliary
+    classifier or the downstream baseline, whichever stage wrote ``path``."""
+    stage = load_checkpoint(path)["meta"].get("stage")
+    if stage == "train_aux_classifier":
+        return load_image_classifier(path, device)
+    if stage == "train_downstream":
+        return load_tile_classifier(path, device)
+    raise ValueError(f"{path} (stage '{stage}') is not a classifier checkpoint: give the auxiliary classifier or the "
+                     f"downstream baseline")
+
+
 def checkpoint_classes(path: str | os.PathLike) -> list[str]:
     """Class names recorded in a checkpoint."""
     classes = load_checkpoint(path)["meta"].get("classes")
     if not classes:
         raise ValueError(f"{path} records no class names")
     return list(classes)
+
+
+def check_classes(checkpoint_classes: list[str], split_classes: list[str], checkpoint_path: str | os.PathLike,
+                  split_path: str | os.PathLike) -> None:
+    """Raise naming both files when a checkpoint's class names differ from the split's (order included)."""
+    if list(checkpoint_classes) != list(split_classes):
+        raise ValueError(f"{checkpoint_path} was trained on classes {list(checkpoint_classes)} but {split_path} has "
+                         f"{list(split_classes)}: retrain the classifier on this split or use the matching split")

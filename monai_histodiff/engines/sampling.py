@@ -11,7 +11,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai_histodiff.engines.latent_cache import unwrap_model
 from monai_histodiff.engines.prepare_batch import resolve_scale_factor
 
-__all__ = ["UnconditionalSampler"]
+__all__ = ["UnconditionalSampler", "ReconstructionComparison"]
 
 
 class UnconditionalSampler:
@@ -48,3 +48,26 @@ class UnconditionalSampler:
         images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, verbose=False)
         model.train(was_training)
         return images.float().clamp(-1, 1)
+
+
+class ReconstructionComparison:
+    """Callable returning the rows ``x``, ``D(E(x))`` (pre-trained decoder) and ``D'(E(x))`` (fine-tuned decoder) for
+    a fixed set of tiles, so a sample-grid handler shows what fine-tuning changed."""
+
+    def __init__(self, pretrained_autoencoder: torch.nn.Module, autoencoder: torch.nn.Module, images: torch.Tensor,
+                 device: str | torch.device = "cpu") -> None:
+        self.pretrained = pretrained_autoencoder
+        self.autoencoder = autoencoder
+        self.images = images[:8]
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self) -> list[torch.Tensor]:
+        x = self.images.to(self.device)
+        ae = unwrap_model(self.autoencoder)
+        was_training = ae.training
+        ae.eval()
+        z = ae.encode(x)[0]  # posterior mean, as the fine-tuning sees it
+        rows = [x, self.pretrained.decode(z), ae.decode(z)]
+        ae.train(was_training)
+        return [r.float().clamp(-1, 1) for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from monai_histodiff.handlers.checkpoint import (
+    BestMetricCheckpoint,
     CheckpointMismatchError,
     StageCheckpointHandler,
     checkpoint_meta,
@@ -16,6 +17,7 @@ from monai_histodiff.handlers.nan_guard import NaNGuard, loss_terms
 from monai_histodiff.handlers.scalars import LearningRateLogger
 
 __all__ = [
+    "BestMetricCheckpoint",
     "CheckpointMismatchError",
     "StageCheckpointHandler",
     "checkpoint_meta",

@@ -28,6 +28,7 @@ __all__ = [
     "load_checkpoint",
     "verify_parent",
     "StageCheckpointHandler",
+    "BestMetricCheckpoint",
     "CheckpointMismatchError",
 ]
 
@@ -221,3 +222,44 @@ class StageCheckpointHandler:
             if _is_main_process():
                 engine.logger.warning(f"run interrupted ({type(e).__name__}); progress saved to {self.last_path}")
         raise e
+
+
+class BestMetricCheckpoint:
+    """Ignite handler for an evaluator: save the stage's artifact whenever the key metric improves.
+
+    Attach it to the validation evaluator (``validate#handlers``); it reads ``engine.state.metrics[metric_name]`` at
+    the end of each validation run and writes ``save_path`` (with the metric and epoch in ``meta``) when it is the
+    best so far. Validation data come from the training subset only, so the test set never selects a model.
+
+    Args:
+        save_path: the checkpoint later stages read (e.g. ``aux_classifier.pt``).
+        save_dict: ``{name: object with state_dict()}``.
+        meta: the ``meta`` block or a callable returning it.
+        metric_name: the key metric in the evaluator's metrics.
+    """
+
+    def __init__(self, save_path: str | os.PathLike, save_dict: Mapping[str, Any],
+                 meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+                 metric_name: str = "val_acc") -> None:
+        self.save_path = Path(save_path)
+        self.save_dict = dict(save_dict)
+        self.meta = meta
+        self.metric_name = metric_name
+        self.best = -float("inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.metric_name not in engine.state.metrics:
+            raise KeyError(f"metric '{self.metric_name}' not computed by the evaluator (has {sorted(engine.state.metrics)})")
+        value = float(engine.state.metrics[self.metric_name])
+        if value <= self.best:
+            return
+        self.best = value
+        if _is_main_process():
+            meta = dict((self.meta() if callable(self.meta) else self.meta) or {})
+            # MONAI's ValidationHandler runs the evaluator with the trainer's epoch
+            meta["best_metric"] = {"name": self.metric_name, "value": value, "epoch": engine.state.epoch}
+            save_checkpoint(self.save_path, self.save_dict, meta)
+            engine.logger.info(f"new best {self.metric_name} = {value:.4f}: saved {self.save_path}")

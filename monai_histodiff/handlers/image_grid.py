@@ -101,7 +101,8 @@ class SampleGridHandler:
     Used to watch unconditional latent diffusion samples during pre-training (the callable decodes sampled latents).
 
     Args:
-        sample_fn: ``sample_fn() -> [B, 3, H, W]`` tiles in [-1, 1].
+        sample_fn: ``sample_fn() -> [B, 3, H, W]`` tiles in [-1, 1] (laid out 8 per row), or a list of such
+            batches (one grid row each).
         output_dir: folder of ``<tag>_epoch<E>.png``.
         tag: name of the grid.
         interval: epochs between grids (the final epoch always writes one).
@@ -124,7 +125,9 @@ class SampleGridHandler:
         if not _is_main_process() or (engine.state.epoch % self.interval and not last):
             return
         samples = self.sample_fn()
-        grid = make_grid([samples[i : i + 8] for i in range(0, min(len(samples), 32), 8)])
+        rows = list(samples) if isinstance(samples, (list, tuple)) else [
+            samples[i : i + 8] for i in range(0, min(len(samples), 32), 8)]
+        grid = make_grid(rows)
         save_grid(grid, self.output_dir / f"{self.tag}_epoch{engine.state.epoch:04d}.png")
         if self.writer is not None:
             self.writer.add_image(self.tag, grid, engine.state.epoch, dataformats="HWC")

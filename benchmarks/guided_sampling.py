@@ -1,0 +1,479 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Classifier-guided latent sampling vs MONAI's stock unguided ``LatentDiffusionInferer.sample``: speed and memory.
+
+Variants (same UNet weights, autoencoder, scheduler, noise, batch and number of steps, ``bundles/small.json`` sizes:
+64 px tiles, 16x16x3 latents; DDIM, T=1000, scaled_linear_beta 0.0015..0.0155, 50 steps, batch 50; every variant
+decodes its latents with the same small ``AutoencoderKL`` at the end):
+
+- ``stock``: MONAI's ``LatentDiffusionInferer.sample`` (unguided, plain ``DDIMScheduler``), eager;
+- ``guided``: :class:`~monai_histodiff.inferers.ClassifierGuidedLatentDiffusionInferer` with the small
+  ``TimeConditionedLatentClassifier`` (guidance scale 1 on every step), classifier gradient in one batch;
+- ``guided_mb<K>``: the same with ``classifier_batch_size=K`` (``--classifier_batch_size``, default 10);
+- with ``--compile`` / ``--channels_last`` / ``--amp``: ``stock+<opts>`` and ``guided+<opts>`` as well, where the
+  options are applied *in this script* (``torch.compile(unet)``, ``torch.compile(classifier)``,
+  ``module.to(memory_format=torch.channels_last)`` and channels-last noise; AMP is the inferer's ``amp=True``
+  for ``guided`` and a ``torch.autocast`` around the stock call). The inferer needs no new option for these: compiled
+  modules are plain callables to it, and its element-wise scheduler arithmetic keeps the channels-last layout of
+  the noise. On CPU, AMP means bfloat16 autocast, which is *slower* than float32 on CPUs without AMX/AVX512-BF16
+  (most CPUs); it is there for GPUs.
+
+Timing. Each variant lives in its own worker process (this script re-invoked with ``--worker VARIANT``), which builds
+the networks, warms up (one sampling run of ``--warmup_steps`` steps: same shapes, so it also triggers and excludes
+``torch.compile``'s compilation), then waits. The parent then asks the workers for one full timed sampling run each,
+in turn, for ``--reps`` rounds (the order rotated every round), so that machine load hits all variants alike; only
+one worker computes at a time. Reported: the median over the rounds (and all the times).
+
+Peak memory. ``tracemalloc`` does not see torch's allocations, and ``ru_maxrss`` is a whole-process high-water mark
+that would mix phases and variants. So (1) every variant and every ``--paper_scale`` setting runs in a fresh process,
+and (2) right before its timed runs each worker resets the kernel's peak-RSS counter of its own process (writing
+``5`` to ``/proc/self/clear_refs``, Linux >= 4.0) and reads ``VmHWM`` from ``/proc/self/status`` afterwards: the peak
+RSS of the timed sampling runs alone, excluding imports' transient peaks, model construction and, importantly,
+``torch.compile``'s compiler memory. ``peak_rss_mb`` is that value (it includes the resident weights, torch and
+MONAI, which are ``rss_before_mb``); ``sampling_rss_mb = peak_rss_mb - rss_before_mb`` is what sampling added.
+The process's ``ru_maxrss`` (lifetime, including warm-up and compilation) is reported too. Where ``clear_refs``
+cannot be written, ``peak_rss_mb`` falls back to ``ru_maxrss``. On CUDA, ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats`` is reported as well (``peak_cuda_mb``).
+
+``--paper_scale`` measures only the classifier-gradient step (``classifier_gradient``, forward + backward to the
+input) of the paper-size latent classifier (channels 128/256/512, 2 residual blocks per level, 8 heads, 64x64x3
+latents) at batch ``--batch_size`` for micro-batch sizes ``--paper_micro_batches`` (default 50, 10, 2): on CPU one
+fresh process per setting (peak RSS as above), on CUDA ``max_memory_allocated`` per setting. That is the memory the
+``classifier_batch_size`` argument of ``sample`` bounds. Run::
+
+    python benchmarks/guided_sampling.py                                  # -> results/guided_sampling.json
+    python benchmarks/guided_sampling.py --compile --channels_last        # -> results/guided_sampling_compiled.json
+    python benchmarks/guided_sampling.py --paper_scale                    # -> results/guided_sampling_paper_scale.json
+
+Prints a markdown table (variant, tiles/s, ms per tile, peak RSS MB, time ratio vs ``stock``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MARK = "@@GS@@ "  # prefix of the protocol lines a worker writes to stdout
+
+AE_ARGS = dict(
+    spatial_dims=2, in_channels=3, out_channels=3, channels=(32, 64, 64), latent_channels=3, num_res_blocks=1,
+    attention_levels=(False, False, False), with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+    norm_num_groups=32,
+)  # fmt: skip
+UNET_ARGS = dict(
+    spatial_dims=2, in_channels=3, out_channels=3, channels=(32, 64, 64), attention_levels=(False, True, True),
+    num_res_blocks=1, num_head_channels=32, norm_num_groups=32,
+)  # fmt: skip
+CLASSIFIER_ARGS = dict(channels=(32, 64), num_res_blocks=1, norm_num_groups=32, num_heads=4)
+PAPER_CLASSIFIER_ARGS = dict(channels=(128, 256, 512), num_res_blocks=2, norm_num_groups=32, num_heads=8)
+SCHEDULER_ARGS = dict(
+    num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0155,
+    prediction_type="epsilon", clip_sample=False,
+)  # fmt: skip
+NUM_CLASSES = 9
+LATENT_SIZE = 16
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def peak_rss_mb() -> float:
+    """``VmHWM`` (peak RSS since the last reset), else the lifetime ``ru_maxrss``."""
+    kb = _status_kb("VmHWM")
+    return kb / 1024 if kb is not None else maxrss_mb()
+
+
+def maxrss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+def parse_variant(variant: str) -> dict[str, Any]:
+    """``stock`` / ``guided`` / ``guided_mb10``, optionally ``+compile``, ``+channels_last``, ``+amp``."""
+    base, *opts = variant.split("+")
+    unknown = set(opts) - {"compile", "channels_last", "amp"}
+    if unknown:
+        raise ValueError(f"unknown options {unknown} in variant {variant!r}")
+    micro_batch = None
+    if base.startswith("guided_mb"):
+        micro_batch, base = int(base[len("guided_mb") :]), "guided"
+    if base not in ("stock", "guided"):
+        raise ValueError(f"unknown variant {variant!r}")
+    return {
+        "guided": base == "guided",
+        "classifier_batch_size": micro_batch,
+        "compile": "compile" in opts,
+        "channels_last": "channels_last" in opts,
+        "amp": "amp" in opts,
+    }
+
+
+def build(device: torch.device, spec: dict[str, Any], batch_size: int, seed: int = 0):
+    """Networks (identical weights in every worker), noise and labels, with the variant's options applied."""
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    from monai_histodiff.networks import TimeConditionedLatentClassifier
+
+    torch.manual_seed(seed)
+    autoencoder = AutoencoderKL(**AE_ARGS).to(device).eval()
+    unet = DiffusionModelUNet(**UNET_ARGS).to(device).eval()
+    classifier = TimeConditionedLatentClassifier(
+        num_classes=NUM_CLASSES, latent_size=LATENT_SIZE, **CLASSIFIER_ARGS
+    ).to(device).eval()
+    for net in (autoencoder, unet, classifier):
+        net.requires_grad_(False)  # guidance needs d/dz only, not parameter gradients
+    gen = torch.Generator().manual_seed(seed + 1)
+    noise = torch.randn(batch_size, 3, LATENT_SIZE, LATENT_SIZE, generator=gen).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen).to(device)
+    if spec["channels_last"]:
+        unet = unet.to(memory_format=torch.channels_last)
+        classifier = classifier.to(memory_format=torch.channels_last)
+        noise = noise.contiguous(memory_format=torch.channels_last)
+    if spec["compile"]:
+        unet = torch.compile(unet)
+        classifier = torch.compile(classifier)
+    return autoencoder, unet, classifier, noise, labels
+
+
+def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None):
+    """Return ``run(num_steps) -> images`` for the variant."""
+    from monai.inferers import LatentDiffusionInferer
+    from monai.networks.schedulers import DDIMScheduler
+
+    from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
+
+    autoencoder, unet, classifier, noise, labels = build(device, spec, batch_size)
+
+    def run(num_steps: int) -> torch.Tensor:
+        scheduler = DDIMScheduler(**SCHEDULER_ARGS)
+        scheduler.set_timesteps(num_steps)
+        if spec["guided"]:
+            inferer = ClassifierGuidedLatentDiffusionInferer(scheduler, scale_factor=1.0)
+            return inferer.sample(
+                noise, autoencoder, unet, classifier, labels, guidance_scale=1.0,
+                classifier_batch_size=spec["classifier_batch_size"], verbose=False, amp=spec["amp"],
+                amp_dtype=amp_dtype,
+            )  # fmt: skip
+        inferer = LatentDiffusionInferer(scheduler, scale_factor=1.0)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=spec["amp"]):
+            return inferer.sample(noise, autoencoder, unet, verbose=False)
+
+    return run
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Build, warm up, then serve ``run`` / ``exit`` commands read from stdin (one per line)."""
+    device = torch.device(args.device)
+    spec = parse_variant(args.worker)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else None
+    run = make_sampler(device, spec, args.batch_size, amp_dtype)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run(args.warmup_steps)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    rss_before = rss_mb()
+    reset_ok = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _emit({"ready": True, "warmup_s": warmup_s})
+    times = []
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "run":
+            _sync(device)
+            t0 = time.perf_counter()
+            images = run(args.steps)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            if not torch.isfinite(images).all():
+                raise RuntimeError(f"{args.worker}: non-finite samples")
+            _emit({"seconds": dt})
+        elif cmd == "exit":
+            break
+    out = {
+        "variant": args.worker,
+        "spec": spec,
+        "warmup_s": round(warmup_s, 2),
+        "rss_before_mb": None if rss_before is None else round(rss_before, 1),
+        "peak_rss_mb": round(peak_rss_mb() if reset_ok else maxrss_mb(), 1),
+        "peak_rss_method": "VmHWM after clear_refs reset (timed runs only)" if reset_ok else "ru_maxrss (lifetime)",
+        "ru_maxrss_mb": round(maxrss_mb(), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    _emit(out)
+
+
+class Worker:
+    """A worker process driven over its stdin/stdout."""
+
+    def __init__(self, variant: str, args: argparse.Namespace) -> None:
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", args.device,
+            "--threads", str(args.threads), "--batch_size", str(args.batch_size), "--steps", str(args.steps),
+            "--warmup_steps", str(args.warmup_steps),
+        ]  # fmt: skip
+        self.variant = variant
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        raise RuntimeError(f"worker {self.variant} ended (exit code {self.proc.wait()})")
+
+    def send(self, cmd: str) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> dict:
+        info = self.send("exit")
+        self.proc.wait()
+        return info
+
+
+def sampling_benchmark(args: argparse.Namespace) -> dict:
+    opts = [o for o, on in (("compile", args.compile), ("channels_last", args.channels_last), ("amp", args.amp)) if on]
+    variants = ["stock", "guided"]
+    if args.classifier_batch_size:
+        variants.append(f"guided_mb{args.classifier_batch_size}")
+    if opts:
+        variants += ["stock+" + "+".join(opts), "guided+" + "+".join(opts)]
+    workers = []
+    for v in variants:  # warm up one at a time, so compilations do not compete for the CPU
+        w = Worker(v, args)
+        ready = w.read()
+        print(f"{v}: warm-up {ready['warmup_s']:.1f} s", file=sys.stderr, flush=True)
+        workers.append(w)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.reps):
+        k = r % len(workers)
+        for w in workers[k:] + workers[:k]:
+            times[w.variant].append(w.send("run")["seconds"])
+        done = ", ".join(f"{v} {t[-1]:.2f} s" for v, t in times.items())
+        print(f"round {r + 1}/{args.reps}: {done}", file=sys.stderr, flush=True)
+    infos = {w.variant: w.close() for w in workers}
+    stock_s = statistics.median(times["stock"])
+    rows = []
+    for v in variants:
+        med = statistics.median(times[v])
+        info = infos[v]
+        before = info["rss_before_mb"]
+        rows.append({
+            "variant": v,
+            "median_s": round(med, 3),
+            "times_s": [round(t, 3) for t in times[v]],
+            "tiles_per_s": round(args.batch_size / med, 2),
+            "ms_per_tile": round(1000 * med / args.batch_size, 2),
+            "ratio_vs_stock": round(med / stock_s, 3),
+            "sampling_rss_mb": None if before is None else round(info["peak_rss_mb"] - before, 1),
+            **{k: info[k] for k in info if k not in ("variant",)},
+        })  # fmt: skip
+    return {"variants": rows, "statistic": f"median of {args.reps} interleaved rounds after warm-up"}
+
+
+# ---------------------------------------------------------------------------------------------------------- paper scale
+def paper_worker(args: argparse.Namespace) -> None:
+    """One classifier-gradient step of the paper-size classifier at one micro-batch size; emits time and memory."""
+    from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
+    from monai_histodiff.networks import TimeConditionedLatentClassifier
+
+    device = torch.device(args.device)
+    micro_batch = args.paper_worker
+    torch.manual_seed(0)
+    net = TimeConditionedLatentClassifier(num_classes=NUM_CLASSES, latent_size=64, **PAPER_CLASSIFIER_ARGS)
+    net = net.to(device).eval().requires_grad_(False)
+    z = torch.randn(args.batch_size, 3, 64, 64, device=device)
+    t = torch.randint(0, 1000, (args.batch_size,), device=device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    _sync(device)
+    rss_before = rss_mb()
+    reset_ok = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cuda_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    t0 = time.perf_counter()
+    grad = ClassifierGuidedLatentDiffusionInferer.classifier_gradient(net, z, t, y, micro_batch)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    assert grad.shape == z.shape and torch.isfinite(grad).all()
+    out = {
+        "classifier_batch_size": micro_batch,
+        "seconds": round(dt, 2),
+        "rss_before_mb": None if rss_before is None else round(rss_before, 1),
+        "peak_rss_mb": round(peak_rss_mb() if reset_ok else maxrss_mb(), 1),
+        "peak_rss_method": "VmHWM after clear_refs reset (gradient step only)" if reset_ok else "ru_maxrss (lifetime)",
+        "ru_maxrss_mb": round(maxrss_mb(), 1),
+        "num_parameters": sum(p.numel() for p in net.parameters()),
+    }
+    if out["rss_before_mb"] is not None:
+        out["step_rss_mb"] = round(out["peak_rss_mb"] - out["rss_before_mb"], 1)
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round((torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20, 1)
+    _emit(out)
+
+
+def paper_benchmark(args: argparse.Namespace) -> dict:
+    rows = []
+    for mb in args.paper_micro_batches:
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--paper_worker", str(mb), "--device", args.device,
+            "--threads", str(args.threads), "--batch_size", str(args.batch_size),
+        ]  # fmt: skip
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+        row = next(json.loads(line[len(MARK) :]) for line in out.splitlines() if line.startswith(MARK))
+        print(f"classifier_batch_size {mb}: {row}", file=sys.stderr, flush=True)
+        rows.append(row)
+    return {
+        "paper_scale": rows,
+        "classifier_args": {**PAPER_CLASSIFIER_ARGS, "num_classes": NUM_CLASSES, "latent_size": 64, "in_channels": 3},
+        "measured": "one classifier_gradient call (forward + backward to z_t) per fresh process",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM inference steps of each timed run")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved timed rounds (median reported)")
+    parser.add_argument("--warmup_steps", type=int, default=5, help="steps of each worker's warm-up run")
+    parser.add_argument("--classifier_batch_size", type=int, default=10, help="micro-batch variant; 0 to skip")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet + classifier")
+    parser.add_argument("--channels_last", action="store_true", help="also time channels-last networks and latents")
+    parser.add_argument("--amp", action="store_true", help="also time autocast (bf16 on CPU: usually slower)")
+    parser.add_argument("--paper_scale", action="store_true", help="paper-size classifier-gradient memory only")
+    parser.add_argument("--paper_micro_batches", type=int, nargs="+", default=[50, 10, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--output", default=None, help="result JSON (default: results/guided_sampling*.json)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--paper_worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.worker is not None:
+        worker(args)
+        return None
+    if args.paper_worker is not None:
+        paper_worker(args)
+        return None
+    if args.reps < 1 or args.warmup_steps < 1:
+        parser.error("--reps and --warmup_steps must be at least 1")
+
+    import monai
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if args.paper_scale:
+        name = "guided_sampling_paper_scale"
+        result: dict[str, Any] = {"benchmark": name, **paper_benchmark(args)}
+    else:
+        suffix = "".join(f"_{o}" for o, on in (("compiled", args.compile), ("amp", args.amp)) if on)
+        if args.channels_last and not args.compile:
+            suffix += "_channels_last"
+        name = "guided_sampling" + suffix
+        result = {"benchmark": name, **sampling_benchmark(args)}
+        result.update({
+            "steps": args.steps, "warmup_steps": args.warmup_steps, "reps": args.reps,
+            "guidance_scale": 1.0, "scheduler": "DDIMScheduler", "scheduler_args": SCHEDULER_ARGS,
+            "latent_shape": [3, LATENT_SIZE, LATENT_SIZE], "image_size": 4 * LATENT_SIZE,
+            "autoencoder_args": AE_ARGS, "diffusion_args": UNET_ARGS,
+            "latent_classifier_args": {**CLASSIFIER_ARGS, "num_classes": NUM_CLASSES, "latent_size": LATENT_SIZE},
+            "stock_path": "monai.inferers.LatentDiffusionInferer.sample (DDIMScheduler, no guidance) + decode",
+            "guided_path": "ClassifierGuidedLatentDiffusionInferer.sample (guidance_scale=1 on every step) + decode",
+        })  # fmt: skip
+    result.update({
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "date": started,
+        "versions": {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()},
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    })  # fmt: skip
+    out = Path(args.output) if args.output else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    if args.paper_scale:
+        print("| classifier_batch_size | batch | step s | peak RSS MB | step RSS MB | peak CUDA MB |")
+        print("|---|---|---|---|---|---|")
+        for r in result["paper_scale"]:
+            print(
+                f"| {r['classifier_batch_size']} | {args.batch_size} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r.get('step_rss_mb', float('nan')):.0f} | {r.get('peak_cuda_mb', '-')} |"
+            )
+    else:
+        print(f"batch {args.batch_size}, {args.steps} DDIM steps, {args.device}, {result['statistic']}")
+        print("| variant | tiles/s | ms per tile | peak RSS MB | sampling RSS MB | ratio vs stock |")
+        print("|---|---|---|---|---|---|")
+        for r in result["variants"]:
+            print(
+                f"| {r['variant']} | {r['tiles_per_s']:.2f} | {r['ms_per_tile']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r['sampling_rss_mb']} | {r['ratio_vs_stock']:.2f}x |"
+            )
+    return result
+
+
+if __name__ == "__main__":
+    main()
