@@ -72,6 +72,30 @@ def _cmd_scan(a: argparse.Namespace) -> int:
     return 1 if bad and a.strict else 0
 
 
+def _cmd_experiment(a: argparse.Namespace) -> int:
+    from monai_histodiff.experiment import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(
+        output_dir=a.output_dir, dataset_dir=a.dataset_dir, test_dir=a.test_dir, unlabeled_dir=a.unlabeled_dir,
+        small=not a.paper_scale, label_fraction=a.fraction, label_per_class=a.per_class, val_fraction=a.val_fraction,
+        seeds=a.seeds, ratios=a.ratios, random_ratio=a.random_ratio or None, ablation=a.ablation,
+        aux_epochs=a.aux_epochs, finetune_epochs=a.finetune_epochs, latent_epochs=a.latent_epochs,
+        downstream_epochs=a.downstream_epochs, downstream_batch_size=a.downstream_batch_size,
+        generation_steps=a.generation_steps, lr=a.lr,
+    )
+    run_experiment(cfg)
+    print((__import__("pathlib").Path(a.output_dir) / "results.md").read_text())
+    return 0
+
+
+def _cmd_large_files(a: argparse.Namespace) -> int:
+    from monai_histodiff.publish import write_large_files
+
+    path = write_large_files(a.runs, a.url_base, a.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from monai_histodiff.demo import run_demo
 
@@ -137,6 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report_dir", default=None, help="write bad_files.json here")
     c.add_argument("--strict", action="store_true", help="exit 1 when a bad file is found")
     c.set_defaults(func=_cmd_scan)
+
+    e = sub.add_parser("experiment", help="the paper's Table 1 protocol: baseline, + random, + selective ratios")
+    e.add_argument("--output_dir", required=True, help="run folder (pre-trained checkpoints are reused from it)")
+    e.add_argument("--dataset_dir", required=True, help="labeled class-folder tree")
+    e.add_argument("--test_dir", default=None, help="separate test set; default: tiles the labeled subset did not take")
+    e.add_argument("--unlabeled_dir", default=None, help="pre-train here first when no checkpoints exist")
+    e.add_argument("--paper_scale", action="store_true", help="256 px configs (GPU); default: bundles/small.json")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--fraction", type=float, default=None, help="labeled share per class (paper: 0.05)")
+    g.add_argument("--per_class", type=int, default=None, help="labeled tiles per class")
+    e.add_argument("--val_fraction", type=float, default=0.2)
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    e.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
+    e.add_argument("--random_ratio", type=float, default=0.5, help="ratio of the '+ random' row (0: no such row)")
+    e.add_argument("--ablation", choices=["no_finetune", "no_pretrain"], default=None)
+    e.add_argument("--aux_epochs", type=int, default=10)
+    e.add_argument("--finetune_epochs", type=int, default=3)
+    e.add_argument("--latent_epochs", type=int, default=60)
+    e.add_argument("--downstream_epochs", type=int, default=10)
+    e.add_argument("--downstream_batch_size", type=int, default=None, help="default: the bundle's (128)")
+    e.add_argument("--generation_steps", type=int, default=50)
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.set_defaults(func=_cmd_experiment)
+
+    lf = sub.add_parser("large-files", help="write large_files.yml (sha256, URLs) for the pre-trained checkpoints")
+    lf.add_argument("--runs", default="runs", help="pre-training run folder")
+    lf.add_argument("--url_base", required=True, help="where the checkpoints are published")
+    lf.add_argument("--output", default="large_files.yml")
+    lf.set_defaults(func=_cmd_large_files)
 
     m = sub.add_parser("demo", help="run the pipeline on the default (toy) data or $HISTODIFF_DATA")
     m.add_argument("--output_dir", default="demo_output")

@@ -67,3 +67,7 @@ def corrupt_dir(tmp_path) -> Path:
     (tmp_path / "text.png").write_text("this is not an image\n")
     assert full
     return tmp_path
+
+
+# the pipeline fixtures (pre-trained and adapted small checkpoints) serve top-level tests such as test_experiment.py
+from tests.bundles.conftest import pretrained, toy_labeled_site, toy_unlabeled  # noqa: E402,F401

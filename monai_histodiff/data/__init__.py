@@ -6,6 +6,7 @@ from __future__ import annotations
 from monai_histodiff.data.datalist import (
     IMAGE_EXTENSIONS,
     class_counts,
+    items_digest,
     list_images,
     load_datalist,
     read_labeled_list,
@@ -18,12 +19,13 @@ from monai_histodiff.data.prepare import ensure_split, load_labeled, prepare_lab
 from monai_histodiff.data.split import make_split, stratified_sample, write_split
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
 from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
-from monai_histodiff.data.unlabeled import format_source_counts, sources_in, unlabeled_datalist
+from monai_histodiff.data.unlabeled import format_source_counts, source_counts, sources_in, unlabeled_datalist
 from monai_histodiff.data.validation import BadFilesError, check_image, scan_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "class_counts",
+    "items_digest",
     "list_images",
     "load_datalist",
     "read_labeled_list",
@@ -49,6 +51,7 @@ __all__ = [
     "tile_transforms",
     "to_uint8_image",
     "format_source_counts",
+    "source_counts",
     "sources_in",
     "unlabeled_datalist",
     "BadFilesError",

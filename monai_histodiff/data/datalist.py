@@ -23,6 +23,7 @@ __all__ = [
     "write_datalist",
     "save_class_map",
     "class_counts",
+    "items_digest",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -158,3 +159,13 @@ def class_counts(items: Iterable[dict], num_classes: int) -> list[int]:
     for it in items:
         counts[int(it["label"])] += 1
     return counts
+
+
+def items_digest(items: Iterable[dict], length: int = 12) -> str:
+    """Short sha256 of the image paths and labels of a list: names a cache after the exact data it holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda d: d["image"]):
+        h.update(f"{os.path.abspath(it['image'])}|{it.get('label', '')}\n".encode())
+    return h.hexdigest()[:length]

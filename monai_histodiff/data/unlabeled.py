@@ -14,7 +14,7 @@ from typing import Any
 
 from monai_histodiff.data.datalist import IMAGE_EXTENSIONS, list_images
 
-__all__ = ["sources_in", "unlabeled_datalist", "format_source_counts"]
+__all__ = ["sources_in", "unlabeled_datalist", "format_source_counts", "source_counts"]
 
 
 def sources_in(parent: str | os.PathLike) -> dict[str, str]:
@@ -86,3 +86,12 @@ def format_source_counts(datalist: Mapping[str, Any]) -> str:
         lines.append(f"{name:32s} {i['count']:8d} {share:10.1%}")
     lines.append(f"{'total':32s} {sum(i['count'] for i in info.values()):8d}")
     return "\n".join(lines)
+
+
+def source_counts(items: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Images per source of an unlabeled list (recorded in pre-training checkpoints)."""
+    counts: dict[str, int] = {}
+    for it in items:
+        name = str(it.get("source", "unknown"))
+        counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -55,7 +55,10 @@ from monai_histodiff.engines.distributed import (  # noqa: E402
 from monai_histodiff.engines.losses import build_perceptual_loss, diffusion_loss, kl_divergence  # noqa: E402
 from monai_histodiff.engines.loading import (  # noqa: E402
     check_classes,
+    check_image_size,
     checkpoint_classes,
+    latent_shape_of,
+    require_single_process,
     diffusion_meta,
     load_autoencoder,
     load_diffusion,
@@ -83,7 +86,10 @@ __all__ += [
     "kl_divergence",
     "LinearWarmup",
     "check_classes",
+    "check_image_size",
     "checkpoint_classes",
+    "latent_shape_of",
+    "require_single_process",
     "diffusion_meta",
     "load_autoencoder",
     "load_diffusion",

@@ -169,16 +169,18 @@ class _PerSampleNoiseMixin:
     """
     Draws the stochastic sampling noise of each sample from its own generator (``sample_generators[b]`` for sample
     ``b``, on CPU, then moved to the sample's device), so that a tile's noise does not depend on the other tiles of
-    its batch. With one sample the noise equals what the base scheduler draws from that generator.
+    its batch. With one sample the noise equals what the base scheduler draws from that generator. Only the
+    schedulers' ``noise_like`` hook changes; their update formulas are used as they are.
     """
 
     sample_generators: list[torch.Generator] | None = None
 
-    def _per_sample_noise(self, like: torch.Tensor) -> torch.Tensor:
+    def noise_like(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         gens = self.sample_generators
-        if gens is None or len(gens) != like.shape[0]:
-            got = None if gens is None else len(gens)
-            raise ValueError(f"need one generator per sample ({like.shape[0]}), got {got}.")
+        if gens is None:
+            return super().noise_like(like, generator)  # type: ignore[misc]
+        if len(gens) != like.shape[0]:
+            raise ValueError(f"need one generator per sample ({like.shape[0]}), got {len(gens)}.")
         noise = torch.stack([torch.randn(tuple(like.shape[1:]), dtype=like.dtype, generator=g) for g in gens])
         return noise.to(like.device)
 
@@ -186,41 +188,9 @@ class _PerSampleNoiseMixin:
 class _PerSampleNoiseDDPMScheduler(_PerSampleNoiseMixin, RespacedDDPMScheduler):
     """Respaced DDPM whose posterior noise comes from per-sample generators (when set)."""
 
-    def sample_posterior(
-        self,
-        mean: torch.Tensor,
-        variance: torch.Tensor,
-        timestep: int | torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        if self.sample_generators is None:
-            return super().sample_posterior(mean, variance, timestep, generator)
-        if self.previous_timestep(timestep) < 0:
-            return mean
-        return mean + variance**0.5 * self._per_sample_noise(mean)
-
 
 class _PerSampleNoiseDDIMScheduler(_PerSampleNoiseMixin, RespacedDDIMScheduler):
-    """Respaced DDIM whose ``eta > 0`` noise comes from per-sample generators (when set); same update formula."""
-
-    def _update(
-        self,
-        pred_original_sample: torch.Tensor,
-        pred_epsilon: torch.Tensor,
-        timestep: int | torch.Tensor,
-        eta: float,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        if eta <= 0 or self.sample_generators is None:
-            return super()._update(pred_original_sample, pred_epsilon, timestep, eta, generator)
-        # RespacedDDIMScheduler._update with the noise drawn per sample (kept term by term, see the equality test)
-        prev_timestep = self.previous_timestep(timestep)
-        alpha_prod_t_prev = self.alpha_bar(prev_timestep)
-        variance = self._get_variance(int(timestep), prev_timestep)
-        std_dev_t = eta * variance**0.5
-        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
-        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
-        return prev_sample + variance**0.5 * eta * self._per_sample_noise(pred_epsilon)
+    """Respaced DDIM whose ``eta > 0`` noise comes from per-sample generators (when set)."""
 
 
 def _unwrap(model: Any) -> Any:

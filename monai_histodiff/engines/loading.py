@@ -28,6 +28,9 @@ __all__ = [
     "diffusion_meta",
     "checkpoint_classes",
     "check_classes",
+    "check_image_size",
+    "latent_shape_of",
+    "require_single_process",
 ]
 
 
@@ -152,3 +155,27 @@ def check_classes(checkpoint_classes: list[str], split_classes: list[str], check
     if list(checkpoint_classes) != list(split_classes):
         raise ValueError(f"{checkpoint_path} was trained on classes {list(checkpoint_classes)} but {split_path} has "
                          f"{list(split_classes)}: retrain the classifier on this split or use the matching split")
+
+
+def check_image_size(autoencoder_path: str | os.PathLike, image_size: int) -> None:
+    """Raise when ``image_size`` differs from the tile size the autoencoder was pre-trained at: the diffusion model,
+    the latent classifier and generation all assume that latent size."""
+    trained = load_checkpoint(autoencoder_path, stage="pretrain_autoencoder")["meta"]["config"].get("image_size")
+    if trained is not None and int(trained) != int(image_size):
+        raise ValueError(f"image_size={image_size} but {autoencoder_path} was pre-trained at image_size={trained}: "
+                         f"use the same size (bundles/small.json for the small checkpoints, none for paper scale)")
+
+
+def latent_shape_of(autoencoder: torch.nn.Module, image_size: int) -> list[int]:
+    """``[C, h, w]`` of the latents ``autoencoder`` makes from ``image_size`` tiles (f read from the network)."""
+    ae = autoencoder.module if hasattr(autoencoder, "module") else autoencoder
+    device = next(ae.parameters()).device
+    with torch.no_grad():
+        z_mu, _ = ae.encode(torch.zeros(1, 3, image_size, image_size, device=device))
+    return list(z_mu.shape[1:])
+
+
+def require_single_process(distributed: bool, stage: str) -> None:
+    """Refuse ``distributed: true`` for a stage that runs in one process."""
+    if distributed:
+        raise ValueError(f"stage '{stage}' runs in a single process: drop bundles/multi_gpu.json for it")

@@ -236,16 +236,19 @@ class BestMetricCheckpoint:
         save_dict: ``{name: object with state_dict()}``.
         meta: the ``meta`` block or a callable returning it.
         metric_name: the key metric in the evaluator's metrics.
+        resume: start from the best value recorded in an existing ``save_path``.
     """
 
     def __init__(self, save_path: str | os.PathLike, save_dict: Mapping[str, Any],
                  meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
-                 metric_name: str = "val_acc") -> None:
+                 metric_name: str = "val_acc", resume: bool = False) -> None:
         self.save_path = Path(save_path)
         self.save_dict = dict(save_dict)
         self.meta = meta
         self.metric_name = metric_name
         self.best = -float("inf")
+        if resume and self.save_path.is_file():  # a resumed run only replaces the best file with a better one
+            self.best = float(load_checkpoint(self.save_path)["meta"].get("best_metric", {}).get("value", self.best))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)

@@ -165,7 +165,7 @@ class CentroidSelectionHandler:
        ``min_confidence``, its manifest confidence is at least that; per class, the quota is filled closest first.
        In ``"random"`` mode (Table 1's baseline) the quota is filled by a seeded random draw, without filtering;
     3. write to ``output_dir``: ``augmented_datalist.json`` (real training + kept tiles as
-       ``{"image", "label", "synthetic": true}``; ``validation`` / ``test`` unchanged; a ``selection`` block with the
+       ``{"image", "label", "synthetic": true}`` (real items ``"synthetic": false``); ``validation`` / ``test`` unchanged; a ``selection`` block with the
        settings and counts), ``decisions.csv`` (one row per candidate, columns
        :data:`~monai_histodiff.selection.DECISION_COLUMNS`; ``file`` as written in the manifest),
        ``selection_report.json``, ``distance_histograms.png`` and ``classes.json``.
@@ -430,7 +430,8 @@ class CentroidSelectionHandler:
             for i in result.kept_indices
         ]
         augmented = copy.deepcopy(split)
-        real_training = list(augmented.get("training") or [])
+        # every item carries the flag, so batches of mixed real and synthetic tiles collate
+        real_training = [dict(it, synthetic=False) for it in augmented.get("training") or []]
         real_counts = class_counts(real_training, k)
         augmented["training"] = real_training + kept_items
         counts = dict(augmented.get("counts") or {})

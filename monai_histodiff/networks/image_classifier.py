@@ -10,6 +10,7 @@ from monai.networks.nets.autoencoderkl import Encoder
 from monai.utils import ensure_tuple_rep
 
 from monai_histodiff.networks.attention_pool import AttentionPool2d
+from monai_histodiff.networks.encoder_args import check_encoder_args
 
 __all__ = ["HistoImageClassifier"]
 
@@ -76,27 +77,9 @@ class HistoImageClassifier(nn.Module):
         use_flash_attention: bool = False,
     ) -> None:
         super().__init__()
-        if spatial_dims != 2:
-            raise ValueError(
-                f"HistoImageClassifier supports spatial_dims=2 only (AttentionPool2d), got {spatial_dims}."
-            )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes}.")
-        channels = tuple(channels)
-        if len(channels) == 0:
-            raise ValueError("channels must contain at least one level.")
-        if any(c % norm_num_groups != 0 for c in channels):
-            raise ValueError(
-                f"every entry of channels {channels} must be divisible by norm_num_groups ({norm_num_groups})."
-            )
-        attention_levels = (False,) * len(channels) if attention_levels is None else tuple(attention_levels)
-        if len(attention_levels) != len(channels):
-            raise ValueError(
-                f"attention_levels {attention_levels} must have one entry per level of channels {channels}."
-            )
-        num_res_blocks = tuple(ensure_tuple_rep(num_res_blocks, len(channels)))
-        if len(num_res_blocks) != len(channels):
-            raise ValueError(f"num_res_blocks {num_res_blocks} must be an int or have one entry per level of channels.")
+        channels, attention_levels, num_res_blocks = check_encoder_args(
+            "HistoImageClassifier", spatial_dims, num_classes, channels, norm_num_groups, attention_levels, num_res_blocks
+        )
         embed_dim = channels[-1] if embed_dim is None else embed_dim
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).")

@@ -11,6 +11,7 @@ from monai.networks.nets.diffusion_model_unet import get_down_block, get_mid_blo
 from monai.utils import ensure_tuple_rep
 
 from monai_histodiff.networks.attention_pool import AttentionPool2d
+from monai_histodiff.networks.encoder_args import check_encoder_args
 
 __all__ = ["TimeConditionedLatentClassifier"]
 
@@ -92,29 +93,11 @@ class TimeConditionedLatentClassifier(nn.Module):
         use_flash_attention: bool = False,
     ) -> None:
         super().__init__()
-        if spatial_dims != 2:
-            raise ValueError(
-                f"TimeConditionedLatentClassifier supports spatial_dims=2 only (AttentionPool2d), got {spatial_dims}."
-            )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes}.")
+        channels, attention_levels, num_res_blocks = check_encoder_args(
+            "TimeConditionedLatentClassifier", spatial_dims, num_classes, channels, norm_num_groups, attention_levels, num_res_blocks
+        )
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps}.")
-        channels = tuple(channels)
-        if len(channels) == 0:
-            raise ValueError("channels must contain at least one level.")
-        if any(c % norm_num_groups != 0 for c in channels):
-            raise ValueError(
-                f"every entry of channels {channels} must be divisible by norm_num_groups ({norm_num_groups})."
-            )
-        attention_levels = (False,) * len(channels) if attention_levels is None else tuple(attention_levels)
-        if len(attention_levels) != len(channels):
-            raise ValueError(
-                f"attention_levels {attention_levels} must have one entry per level of channels {channels}."
-            )
-        num_res_blocks = tuple(ensure_tuple_rep(num_res_blocks, len(channels)))
-        if len(num_res_blocks) != len(channels):
-            raise ValueError(f"num_res_blocks {num_res_blocks} must be an int or have one entry per level of channels.")
         head_channels = (
             channels if num_head_channels is None else tuple(ensure_tuple_rep(num_head_channels, len(channels)))
         )

@@ -47,6 +47,13 @@ class _VisitedTimestepsMixin:
     clip_sample: bool
     clip_sample_values: list[float]
 
+    def noise_like(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The Gaussian noise of a stochastic step, shaped like ``like`` (the same draw as MONAI's parents make).
+
+        The one place noise is drawn: a subclass can draw it differently (per sample, for tile-wise determinism).
+        """
+        return torch.randn(like.shape, dtype=like.dtype, generator=generator, device=like.device)
+
     def final_alpha_bar(self) -> torch.Tensor:
         """Alpha-bar after the last visited timestep (the clean sample)."""
         raise NotImplementedError
@@ -253,8 +260,7 @@ class RespacedDDPMScheduler(_VisitedTimestepsMixin, DDPMScheduler):
         """
         if self.previous_timestep(timestep) < 0:
             return mean
-        noise = torch.randn(mean.size(), dtype=mean.dtype, layout=mean.layout, generator=generator, device=mean.device)
-        return mean + variance**0.5 * noise
+        return mean + variance**0.5 * self.noise_like(mean, generator)
 
     def step(
         self,
@@ -340,10 +346,7 @@ class RespacedDDIMScheduler(_VisitedTimestepsMixin, DDIMScheduler):
         pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
         prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
         if eta > 0:
-            noise = torch.randn(
-                pred_epsilon.shape, dtype=pred_epsilon.dtype, generator=generator, device=pred_epsilon.device
-            )
-            prev_sample = prev_sample + variance**0.5 * eta * noise
+            prev_sample = prev_sample + variance**0.5 * eta * self.noise_like(pred_epsilon, generator)
         return prev_sample
 
     def step(

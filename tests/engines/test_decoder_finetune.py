@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.tiny import tiny_autoencoder
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,16 +18,7 @@ DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 
 
 def _autoencoder() -> AutoencoderKL:
-    return AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        latent_channels=3,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-    )
+    return tiny_autoencoder(seed=None).train()
 
 
 def _classifier() -> HistoImageClassifier:

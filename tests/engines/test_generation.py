@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.tiny import tiny_autoencoder
+
 import glob
 import json
 import os
@@ -64,17 +66,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def nets() -> dict[str, nn.Module]:
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        latent_channels=3,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-    )
+    autoencoder = tiny_autoencoder(seed=0)
     unet = DiffusionModelUNet(
         spatial_dims=2,
         in_channels=3,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from tests.tiny import tiny_autoencoder
+
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
-from monai.networks.nets import AutoencoderKL
 
 from monai_histodiff.data import scan_class_folders, tile_transforms
 from monai_histodiff.engines import (
@@ -16,20 +17,6 @@ from monai_histodiff.engines import (
     unwrap_model,
 )
 from monai_histodiff.handlers import file_sha256
-
-
-def tiny_autoencoder() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        latent_channels=3,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-    ).eval()
 
 
 @pytest.fixture(scope="module")

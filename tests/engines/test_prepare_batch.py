@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from tests.tiny import tiny_autoencoder
+
 import pytest
 import torch
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from monai.inferers import DiffusionInferer
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from monai_histodiff.engines import (
@@ -18,20 +20,6 @@ from monai_histodiff.engines import (
     encode_posteriors,
     resolve_scale_factor,
 )
-
-
-def tiny_autoencoder() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        latent_channels=3,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-    ).eval()
 
 
 def tiny_unet() -> DiffusionModelUNet:

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
+from tests.tiny import tiny_autoencoder
+
 import pytest
 import torch
-from monai.networks.nets import AutoencoderKL
 
 from monai_histodiff.engines import CachedLatentDataset, LatentCache, RunningMoments, compute_scale_factor
-
-
-def tiny_autoencoder() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        latent_channels=3,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-    ).eval()
 
 
 @pytest.fixture(scope="module")

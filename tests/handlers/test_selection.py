@@ -148,7 +148,7 @@ def test_outputs_and_augmented_datalist(scenario, selective):
     split = load_datalist(scenario["datalist"])
     aug = load_datalist(out / "augmented_datalist.json")
     n_real = len(split["training"])
-    assert aug["training"][:n_real] == split["training"]
+    assert aug["training"][:n_real] == [dict(it, synthetic=False) for it in split["training"]]
     assert aug["validation"] == split["validation"] and aug["test"] == split["test"]
     assert aug["classes"] == scenario["classes"]
     synthetic = aug["training"][n_real:]

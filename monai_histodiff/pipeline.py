@@ -1,0 +1,71 @@
+"""Run pipeline stages the way users do, ``python -m monai.bundle run --config_file ...``, from Python.
+
+The demo and the experiment runner chain stages through these calls, so what they run is exactly the documented
+command line (printed before each stage), its output shown live and kept in a log file per stage.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["REPO_ROOT", "bundle_command", "run_stage", "StageError"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StageError(RuntimeError):
+    """A stage's bundle run failed; the message names the stage, the command and its log file."""
+
+
+def _literal(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)  # fire reads Python literals
+
+
+def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] = (), **overrides: Any) -> list[str]:
+    """The ``python -m monai.bundle run`` command of ``stage`` with ``--key value`` overrides."""
+    configs = [f"bundles/{stage}.json", *(["bundles/small.json"] if small else []), *extra_configs]
+    config_arg = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+    for key, value in overrides.items():
+        if value is not None:
+            cmd += [f"--{key}", _literal(value)]
+    return cmd
+
+
+def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_configs: Sequence[str] = (),
+              quiet: bool = False, **overrides: Any) -> float:
+    """Run one stage from the repository root, showing its output live and keeping it in ``<log_dir>/<stage>.log``.
+
+    Returns the wall time in seconds; raises :class:`StageError` when the stage fails.
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tag = overrides.pop("log_name", stage)
+    log_path = log_dir / f"{tag}.log"
+    cmd = bundle_command(stage, small, extra_configs, **overrides)
+    shown = " ".join(c if " " not in c and "[" not in c else f'"{c}"' for c in cmd[1:])
+    print(f"\n[{tag}] python {shown}", flush=True)
+    start = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+            log.write(chunk)
+            if not quiet:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        code = proc.wait()
+    seconds = time.time() - start
+    if code != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise StageError(f"stage '{tag}' failed (exit {code}) after {seconds:.0f} s; log: {log_path}\n  "
+                         + "\n  ".join(tail))
+    print(f"[{tag}] done in {seconds:.0f} s (log: {log_path})", flush=True)
+    return seconds
