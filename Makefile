@@ -50,7 +50,7 @@ $(ML_STAMP): setup.py
 	@touch $(ML_STAMP)
 
 test-monailabel: $(ML_STAMP)
-	$(ML_PY) -m pytest tests/monailabel $(PYTEST_ARGS)
+	$(ML_PY) -m pytest tests/monailabel tests/data/test_transforms.py $(PYTEST_ARGS)  # the venv has ITK: also checks the ITK reader
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -81,7 +81,7 @@ def tile_reader(reader: str = "PILReader"):
     if reader == "ITKReader":
         if not HAS_ITK:
             raise ImportError("reader='ITKReader' needs ITK: pip install 'monai-histodiff[itk]'")
-        return ITKReader(reverse_indexing=False)
+        return ITKReader(reverse_indexing=True)  # ITK's index order is the reverse of PIL's: same [H, W] array
     raise ValueError(f"reader must be 'PILReader' or 'ITKReader', got {reader!r}")
 
 

@@ -68,7 +68,11 @@ from monai_histodiff.engines.loading import (  # noqa: E402
     load_tile_classifier,
     scheduler_from_meta,
 )
-from monai_histodiff.engines.sampling import ReconstructionComparison, UnconditionalSampler  # noqa: E402
+from monai_histodiff.engines.sampling import (  # noqa: E402
+    ReconstructionComparison,
+    UnconditionalSampler,
+    optimize_for_inference,
+)
 from monai_histodiff.engines.schedules import LinearWarmup  # noqa: E402
 
 __all__ += [
@@ -100,6 +104,7 @@ __all__ += [
     "scheduler_from_meta",
     "UnconditionalSampler",
     "ReconstructionComparison",
+    "optimize_for_inference",
 ]
 # --- end stage 1 training ---
 

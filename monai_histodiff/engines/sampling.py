@@ -11,7 +11,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai_histodiff.engines.latent_cache import unwrap_model
 from monai_histodiff.engines.prepare_batch import resolve_scale_factor
 
-__all__ = ["UnconditionalSampler", "ReconstructionComparison"]
+__all__ = ["UnconditionalSampler", "ReconstructionComparison", "optimize_for_inference"]
 
 
 class UnconditionalSampler:
@@ -71,3 +71,16 @@ class ReconstructionComparison:
         rows = [x, self.pretrained.decode(z), ae.decode(z)]
         ae.train(was_training)
         return [r.float().clamp(-1, 1) for r in rows]
+
+
+def optimize_for_inference(module: torch.nn.Module, compile: bool = False, channels_last: bool = False,
+                           compile_kwargs: dict | None = None) -> torch.nn.Module:
+    """Eval mode, optionally channels-last memory layout and ``torch.compile``: the sampling speed options of
+    ``bundles/generate.json`` (``compile``, ``channels_last``), off by default. Compilation happens on the first
+    call (the generator's first batch)."""
+    module = module.eval()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if compile:
+        module = torch.compile(module, **(compile_kwargs or {}))
+    return module
