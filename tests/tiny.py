@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import AutoencoderKL
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-__all__ = ["tiny_autoencoder"]
+__all__ = ["tiny_autoencoder", "tiny_unet"]
 
 
 def tiny_autoencoder(seed: int | None = 0) -> AutoencoderKL:
@@ -14,3 +14,9 @@ def tiny_autoencoder(seed: int | None = 0) -> AutoencoderKL:
         torch.manual_seed(seed)
     return AutoencoderKL(spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 16), latent_channels=3,
                          num_res_blocks=1, norm_num_groups=8, attention_levels=(False, False)).eval()
+
+
+def tiny_unet() -> DiffusionModelUNet:
+    """A ``DiffusionModelUNet`` on 3-channel latents with channels (8, 16), no attention (unseeded)."""
+    return DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 16),
+                              attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)

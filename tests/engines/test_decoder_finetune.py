@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tests.tiny import tiny_autoencoder
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +11,7 @@ from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
 from monai_histodiff.engines import DecoderFinetuneTrainer, decoder_parameters, freeze_encoder
 from monai_histodiff.networks import HistoImageClassifier
+from tests.tiny import tiny_autoencoder
 
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tests.tiny import tiny_autoencoder
-
 import glob
 import json
 import os
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from monai_histodiff.engines.generation import (
@@ -26,6 +24,7 @@ from monai_histodiff.engines.generation import (
 )
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
 from monai_histodiff.networks.latent_classifier import TimeConditionedLatentClassifier
+from tests.tiny import tiny_autoencoder, tiny_unet
 
 CLASSES = ["TUM", "STR"]
 
@@ -67,15 +66,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def nets() -> dict[str, nn.Module]:
     autoencoder = tiny_autoencoder(seed=0)
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        attention_levels=(False, False),
-        num_res_blocks=1,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet()
     classifier = TimeConditionedLatentClassifier(
         num_classes=2, latent_size=8, channels=(8, 16), norm_num_groups=8, num_heads=2, num_res_blocks=1
     )

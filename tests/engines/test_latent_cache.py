@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tests.tiny import tiny_autoencoder
-
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
@@ -17,6 +15,7 @@ from monai_histodiff.engines import (
     unwrap_model,
 )
 from monai_histodiff.handlers import file_sha256
+from tests.tiny import tiny_autoencoder
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from tests.tiny import tiny_autoencoder
-
 import pytest
 import torch
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from monai.inferers import DiffusionInferer
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from monai_histodiff.engines import (
@@ -20,18 +17,9 @@ from monai_histodiff.engines import (
     encode_posteriors,
     resolve_scale_factor,
 )
+from tests.tiny import tiny_autoencoder, tiny_unet
 
 
-def tiny_unet() -> DiffusionModelUNet:
-    return DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 16),
-        attention_levels=(False, False),
-        num_res_blocks=1,
-        norm_num_groups=8,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from tests.tiny import tiny_autoencoder
-
 import pytest
 import torch
 
 from monai_histodiff.engines import CachedLatentDataset, LatentCache, RunningMoments, compute_scale_factor
+from tests.tiny import tiny_autoencoder
 
 
 @pytest.fixture(scope="module")
