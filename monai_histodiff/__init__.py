@@ -2,11 +2,28 @@
 
 Pre-train a latent diffusion model on unlabeled histology, adapt it at a new site to a small labeled set, generate
 class-conditioned synthetic tiles with latent classifier guidance, keep the trustworthy ones and train a better
-tissue classifier.
+tissue classifier. The components below are what MONAI bundle configs reach by ``_target_``; the sub-packages hold
+the rest (``data``, ``engines``, ``handlers``, ``metrics``, ``selection``).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from monai_histodiff.data.transforms import tile_transforms  # noqa: E402
+from monai_histodiff.handlers.selection import CentroidSelectionHandler  # noqa: E402
+from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer  # noqa: E402
+from monai_histodiff.networks import HistoImageClassifier, TileClassifier, TimeConditionedLatentClassifier  # noqa: E402
+from monai_histodiff.schedulers import RespacedDDIMScheduler, RespacedDDPMScheduler  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "CentroidSelectionHandler",
+    "ClassifierGuidedLatentDiffusionInferer",
+    "HistoImageClassifier",
+    "RespacedDDIMScheduler",
+    "RespacedDDPMScheduler",
+    "TileClassifier",
+    "TimeConditionedLatentClassifier",
+    "tile_transforms",
+]
