@@ -29,6 +29,11 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+def _join(folder: str | os.PathLike, relative: str) -> str:
+    """Absolute, normalised path of ``relative`` inside ``folder`` (lexically: symbolic links are kept)."""
+    return os.path.normpath(os.path.join(os.path.abspath(folder), relative))
+
+
 def list_images(folder: str | os.PathLike, recursive: bool = True, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
     """Sorted image files under ``folder`` (case-insensitive extension match); hidden files are ignored."""
     folder = Path(folder)
@@ -104,7 +109,7 @@ def read_labeled_list(path: str | os.PathLike, class_names: Sequence[str] | None
             index = int(label)
         else:
             raise ValueError(f"{path}, row {i + 2}: label {label!r} is not one of {classes}")
-        image = r["image"] if os.path.isabs(r["image"]) else str((path.parent / r["image"]).resolve())
+        image = r["image"] if os.path.isabs(r["image"]) else _join(path.parent, r["image"])
         items.append({"image": image, "label": index, "class": classes[index]})
     return items, classes
 
@@ -118,11 +123,10 @@ def load_datalist(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
-    base = path.parent.resolve()
     for split in ("training", "validation", "test", "unlabeled"):
         for item in data.get(split, []):
             if not os.path.isabs(item["image"]):
-                item["image"] = str((base / item["image"]).resolve())
+                item["image"] = _join(path.parent, item["image"])
     return data
 
 
@@ -130,7 +134,7 @@ def write_datalist(data: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a datalist JSON with image paths relative to the file, atomically (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = path.parent.resolve()
+    base = os.path.abspath(path.parent)  # lexical, like _join: the same paths come back through symbolic links
     out = dict(data)
     for split in ("training", "validation", "test", "unlabeled"):
         if split in data:
