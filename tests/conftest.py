@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,15 @@ def _real(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real H&E tiles not found at {path} (set HISTODIFF_TEST_DATA to the shared histology folder)")
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny networks: one intra-op thread is faster and avoids OpenMP spin-waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

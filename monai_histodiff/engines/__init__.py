@@ -20,6 +20,7 @@ from monai_histodiff.engines.prepare_batch import (  # noqa: E402
     NoisyLatentClassificationPrepareBatch,
     resolve_scale_factor,
     sample_latents,
+    scaled_latents,
 )
 from monai_histodiff.engines.scale_factor import RunningMoments, compute_scale_factor  # noqa: E402
 
@@ -35,6 +36,7 @@ __all__ += [
     "NoisyLatentClassificationPrepareBatch",
     "resolve_scale_factor",
     "sample_latents",
+    "scaled_latents",
     "RunningMoments",
     "compute_scale_factor",
 ]

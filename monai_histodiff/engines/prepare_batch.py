@@ -37,6 +37,7 @@ __all__ = [
     "ScaleFactor",
     "resolve_scale_factor",
     "sample_latents",
+    "scaled_latents",
     "LatentDiffusionPrepareBatch",
     "NoisyLatentClassificationPrepareBatch",
 ]
@@ -104,6 +105,20 @@ def sample_latents(
     )
 
 
+def scaled_latents(
+    batchdata: Mapping[str, Any],
+    autoencoder: nn.Module | None,
+    scale_factor: ScaleFactor,
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    image_key: str = "image",
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``scale_factor * z`` with ``z ~ q(z|x)`` from :func:`sample_latents`: the z_0 both training stages start from."""
+    z = sample_latents(batchdata, autoencoder, device, non_blocking, image_key, **kwargs)
+    return z * resolve_scale_factor(scale_factor)
+
+
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     """
     ``prepare_batch`` for training a latent diffusion model with MONAI's ``SupervisedTrainer`` and
@@ -150,8 +165,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self, batchdata: Mapping[str, Any], device: str | torch.device | None, non_blocking: bool, **kwargs: Any
     ) -> torch.Tensor:
         """Scaled latents ``scale_factor * z`` of the batch."""
-        z = sample_latents(batchdata, self.autoencoder, device, non_blocking, self.image_key, **kwargs)
-        return z * resolve_scale_factor(self.scale_factor)
+        return scaled_latents(batchdata, self.autoencoder, self.scale_factor, device, non_blocking, self.image_key,
+                              **kwargs)
 
     def __call__(
         self,
@@ -223,8 +238,8 @@ class NoisyLatentClassificationPrepareBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        z0 = sample_latents(batchdata, self.autoencoder, device, non_blocking, self.image_key, **kwargs)
-        z0 = z0 * resolve_scale_factor(self.scale_factor)
+        z0 = scaled_latents(batchdata, self.autoencoder, self.scale_factor, device, non_blocking, self.image_key,
+                            **kwargs)
         timesteps = self.get_timesteps(z0)
         noise = torch.randn_like(z0)
         z_t = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)

@@ -64,13 +64,9 @@ def _trainer(ae, clf, loader, lr=1e-3, **kwargs) -> DecoderFinetuneTrainer:
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seeded, and single-threaded: tiny CPU models run ~10x faster without thread contention on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed_and_one_thread(one_thread):
+    """Seeded, and single-threaded (the shared ``one_thread`` fixture)."""
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -54,13 +54,7 @@ class _PerSampleDecoder(nn.Module):
         return torch.cat([self.autoencoder.decode_stage_2_outputs(z[i : i + 1]) for i in range(z.shape[0])])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster and avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

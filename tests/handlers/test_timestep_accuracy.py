@@ -18,13 +18,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seeded, and single-threaded: tiny CPU models run much faster without thread contention on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed_and_one_thread(one_thread):
+    """Seeded, and single-threaded (the shared ``one_thread`` fixture)."""
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ldm_scheduler() -> DDPMScheduler:

@@ -41,13 +41,7 @@ NUM_SAMPLES = 300
 SCHEDULE = {"schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0155, "clip_sample": False}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The tensors are tiny: thread start-up dominates and the machine is shared, so run single-threaded."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture_means() -> torch.Tensor:
