@@ -38,9 +38,13 @@ def _cmd_split(a: argparse.Namespace) -> int:
 
     split = prepare_labeled_split(
         a.dataset_dir, a.output, fraction=a.fraction, per_class=a.per_class, val_fraction=a.val_fraction, seed=a.seed,
-        test_dataset=a.test_dir, test_per_class=a.test_per_class, bad_files=a.bad_files,
+        test_dataset=a.test_dir, test_per_class=a.test_per_class, bad_files=a.bad_files, groups_file=a.groups_file,
     )
     print(f"wrote {a.output}: classes {split['classes']}")
+    if split["groups_file"]:
+        print(f"  groups from {split['groups_file']}: no group is in two of training / validation / test")
+    if split["duplicate_sets"]:
+        print(f"  {split['duplicate_sets']} sets of byte-identical files kept together (each set one group)")
     for part in ("training", "validation", "test"):
         print(f"  {part:10s} {len(split[part]):6d}  per class {split['counts'][part]}")
     if split["bad_files"]:
@@ -147,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test_per_class", type=int, default=None, help="cap the test set per class")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--bad_files", choices=["skip", "error"], default="skip")
+    s.add_argument("--groups_file", default=None,
+                   help="CSV image,group or image,label,group (patient / slide / original image id; paths relative to "
+                        "it or to dataset_dir): a group never straddles the split. Default: <dataset_dir>/groups.csv "
+                        "when present")
     s.set_defaults(func=_cmd_split)
 
     u = sub.add_parser("unlabeled", help="list M unlabeled source folders for pre-training")

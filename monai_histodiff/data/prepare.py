@@ -1,7 +1,8 @@
 """Prepare the datalist files every stage reads: the labeled split and the unlabeled multi-source list.
 
 Both scan their inputs first (see :mod:`monai_histodiff.data.validation`), so a bad tile is reported up front and
-never reaches a training loop.
+never reaches a training loop. The labeled split also reads the tiles' groups (a groups file, or byte-identical files
+found by hashing) so that no group is split across training, validation and test.
 """
 
 from __future__ import annotations
@@ -11,21 +12,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_histodiff.data.datalist import read_labeled_list, save_class_map, scan_class_folders, write_datalist
-from monai_histodiff.data.split import make_split
+from monai_histodiff.data.datalist import (
+    find_groups_file,
+    group_duplicate_files,
+    load_datalist,
+    read_labeled_list,
+    save_class_map,
+    scan_class_folders,
+    write_datalist,
+)
+from monai_histodiff.data.split import check_groups_disjoint, make_split
 from monai_histodiff.data.unlabeled import unlabeled_datalist
 from monai_histodiff.data.validation import scan_images
 
 __all__ = ["load_labeled", "prepare_labeled_split", "prepare_unlabeled", "ensure_split"]
 
 
-def load_labeled(source: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
-    """Labeled items from a class-folder tree, a CSV (``image``, ``label``) or a JSON datalist."""
+def load_labeled(
+    source: str | os.PathLike, class_names: Sequence[str] | None = None, groups_file: str | os.PathLike | None = None
+) -> tuple[list[dict], list[str]]:
+    """Labeled items from a class-folder tree, a CSV (``image``, ``label``[, ``group``]) or a JSON datalist.
+
+    ``groups_file`` sets the items' groups (see :func:`~monai_histodiff.data.datalist.attach_groups`); a class-folder
+    tree without one uses ``groups.csv`` at its root when present.
+    """
     source = Path(source)
     if source.is_dir():
-        return scan_class_folders(source, class_names)
+        return scan_class_folders(source, class_names, groups_file=groups_file)
     if source.suffix.lower() in (".csv", ".json"):
-        return read_labeled_list(source, class_names)
+        return read_labeled_list(source, class_names, groups_file=groups_file)
     raise FileNotFoundError(f"labeled data not found or not a folder/CSV/JSON: {source}")
 
 
@@ -40,25 +55,37 @@ def prepare_labeled_split(
     test_per_class: int | None = None,
     class_names: Sequence[str] | None = None,
     bad_files: str = "skip",
+    groups_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Scan a labeled dataset, draw the stratified low-label split, and write it with the class map beside it.
+    """Scan a labeled dataset, draw the stratified low-label split by groups, and write it with the class map beside it.
 
-    Writes ``output`` (the split datalist), ``classes.json`` and, when bad files were found, ``bad_files.json`` in the
-    same folder. Returns the split with an extra ``bad_files`` entry.
+    Groups (patient / slide / original image id) come from ``groups_file`` (CSV ``image,group`` or
+    ``image,label,group``; image paths relative to it or to the dataset root), else from ``groups.csv`` at the root of
+    a class-folder tree, else from a ``group`` column of a CSV datalist. Tiles without a group are hashed, and
+    byte-identical files are grouped (with a warning). No group is ever split across training, validation and test.
+
+    Writes ``output`` (the split datalist, each item with its ``group`` when it has one), ``classes.json`` and, when
+    bad files were found, ``bad_files.json`` in the same folder. Returns the split with extra ``bad_files``,
+    ``groups_file`` (the file used, or None) and ``duplicate_sets`` (number of sets of identical files) entries.
     """
     out_dir = Path(output).parent
-    items, classes = load_labeled(dataset, class_names)
+    if Path(dataset).is_dir():
+        groups_file = find_groups_file(dataset, groups_file)
+    items, classes = load_labeled(dataset, class_names, groups_file=groups_file)
     items, bad = scan_images(items, policy=bad_files, report_dir=out_dir)
     test_items = None
     if test_dataset is not None:
         test_items, test_classes = load_labeled(test_dataset, classes)
         test_items, bad_test = scan_images(test_items, policy=bad_files, report_dir=out_dir)
         bad += bad_test
+    duplicates = group_duplicate_files([*items, *(test_items or [])])  # hashes only the tiles without a group
     split = make_split(
         items, classes, fraction=fraction, per_class=per_class, val_fraction=val_fraction, seed=seed,
         test_items=test_items, test_per_class=test_per_class,
     )
     split["source"] = {"dataset": str(dataset), "test_dataset": str(test_dataset) if test_dataset else None}
+    split["groups_file"] = str(groups_file) if groups_file is not None else None
+    split["duplicate_sets"] = len(duplicates)
     split["bad_files"] = bad
     write_datalist(split, output)
     save_class_map(classes, out_dir)
@@ -93,14 +120,15 @@ def ensure_split(
     seed: int = 0,
     test_dir: str | os.PathLike | None = None,
     bad_files: str = "skip",
+    groups_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Load the split datalist, drawing it first from ``dataset_dir`` when the file does not exist yet.
 
     Every labeled stage calls this, so the first one run at a site writes the split and all later stages (and
-    reruns) read the very same file. Image paths come back absolute.
+    reruns) read the very same file. Image paths come back absolute. ``groups_file`` names each tile's group (see
+    :func:`prepare_labeled_split`; default: ``groups.csv`` at the root of ``dataset_dir`` when present). The loaded
+    split is checked with :func:`~monai_histodiff.data.split.check_groups_disjoint`.
     """
-    from monai_histodiff.data.datalist import load_datalist
-
     split_file = Path(split_file)
     if not split_file.is_file():
         if dataset_dir is None:
@@ -110,9 +138,14 @@ def ensure_split(
         elif fraction is None:
             fraction = 0.05
         prepare_labeled_split(dataset_dir, split_file, fraction=fraction, per_class=per_class,
-                              val_fraction=val_fraction, seed=seed, test_dataset=test_dir, bad_files=bad_files)
+                              val_fraction=val_fraction, seed=seed, test_dataset=test_dir, bad_files=bad_files,
+                              groups_file=groups_file)
     split = load_datalist(split_file)
     for key in ("classes", "training"):
         if not split.get(key):
             raise ValueError(f"split file {split_file} has no '{key}'")
+    try:
+        check_groups_disjoint(split)
+    except ValueError as e:
+        raise ValueError(f"split file {split_file}: {e}") from e
     return split

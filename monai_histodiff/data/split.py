@@ -2,26 +2,70 @@
 
 The split is written once as a JSON datalist that every later stage reads, so it is reproducible and auditable:
 the file records the seed, the fraction or per-class count, and the class names.
+
+Items that carry a ``group`` (patient, slide, original image, or a set of byte-identical files) are drawn as whole
+groups: every tile of a group lands on the same side of every split (labeled subset / rest, training / validation,
+labeled / test), so near-copies of one original never sit on both sides. Counts are still counted in tiles; an item
+without a group is a group of its own, so a dataset without groups is split exactly as before groups existed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from monai_histodiff.data.datalist import class_counts, write_datalist
+from monai_histodiff.data.datalist import DUPLICATE_GROUP_PREFIX, class_counts, write_datalist
 
-__all__ = ["stratified_sample", "make_split", "write_split"]
+__all__ = ["stratified_sample", "make_split", "write_split", "check_groups_disjoint"]
+
+SPLIT_PARTS = ("training", "validation", "test")
 
 
-def _by_class(items: Sequence[dict], num_classes: int) -> list[list[dict]]:
-    groups: list[list[dict]] = [[] for _ in range(num_classes)]
+def _group_key(item: dict) -> tuple[str, str]:
+    """The unit an item is drawn with: its group, or the item alone when it has none."""
+    group = item.get("group")
+    return ("g", str(group)) if group not in (None, "") else ("i", str(item["image"]))
+
+
+def _by_class(items: Sequence[dict], num_classes: int) -> list[list[list[dict]]]:
+    """Per class, the groups (lists of items sorted by image), sorted by their first image: independent of input
+    order. A group whose tiles carry different labels is an error naming it."""
+    units: dict[tuple[str, str], list[dict]] = {}
     for it in sorted(items, key=lambda d: d["image"]):
-        groups[int(it["label"])].append(it)
-    return groups
+        units.setdefault(_group_key(it), []).append(it)
+    per_class: list[list[list[dict]]] = [[] for _ in range(num_classes)]
+    for (_, name), unit in units.items():
+        labels = sorted({int(it["label"]) for it in unit})
+        if len(labels) > 1:
+            names = sorted({str(it.get("class", it["label"])) for it in unit})
+            examples = ", ".join(f"{it['image']} ({it.get('class', it['label'])})" for it in unit[:4])
+            raise ValueError(f"group {name!r} mixes classes {names}: a group must hold one class ({examples})")
+        per_class[labels[0]].append(unit)
+    for units_of_class in per_class:
+        units_of_class.sort(key=lambda u: u[0]["image"])
+    return per_class
+
+
+def _take(units: list[list[dict]], order: Sequence[int], k: int) -> list[bool]:
+    """Which groups to take, visiting them in ``order``, so that their tiles add up to (or as near as possible to)
+    ``k``: a group that would overshoot is passed over; a class left short takes the next group when that lands
+    nearer to ``k`` (or when it would otherwise get nothing)."""
+    taken = [False] * len(units)
+    total = 0
+    for i in order:
+        if total == k:
+            break
+        if total + len(units[i]) <= k:
+            taken[i] = True
+            total += len(units[i])
+    if total < k:
+        nxt = next((i for i in order if not taken[i]), None)
+        if nxt is not None and (total == 0 or total + len(units[nxt]) - k < k - total):
+            taken[nxt] = True
+    return taken
 
 
 def stratified_sample(
@@ -32,18 +76,22 @@ def stratified_sample(
     seed: int = 0,
     min_per_class: int = 1,
 ) -> tuple[list[dict], list[dict]]:
-    """Sample evenly from each class without replacement.
+    """Sample evenly from each class without replacement, by whole groups.
 
     Args:
-        items: labeled items (``{"image", "label"}``).
+        items: labeled items (``{"image", "label"}``, optionally ``"group"``: tiles of one group are chosen together).
         num_classes: number of classes.
         fraction: share of each class to take (e.g. 0.05 for the paper's 5%); exclusive with ``per_class``.
-        per_class: number of items per class (a class with fewer items gives all it has).
+        per_class: number of items per class (a class with fewer items gives all it has). With groups the count is
+            met as nearly as whole groups allow.
         seed: random seed; the same seed and items always give the same sample, whatever the input order.
         min_per_class: with ``fraction``, take at least this many from every non-empty class.
 
     Returns:
-        ``(chosen, rest)``.
+        ``(chosen, rest)``, each sorted by image within a class.
+
+    Raises:
+        ValueError: when a group holds tiles of more than one class (the error names it).
     """
     if (fraction is None) == (per_class is None):
         raise ValueError("give exactly one of fraction and per_class")
@@ -54,15 +102,15 @@ def stratified_sample(
     rng = np.random.default_rng(seed)
     chosen: list[dict] = []
     rest: list[dict] = []
-    for group in _by_class(items, num_classes):
-        n = len(group)
+    for units in _by_class(items, num_classes):
+        n = sum(len(u) for u in units)  # tiles, not groups
         if fraction is not None:
             k = min(n, max(min_per_class if n else 0, int(round(fraction * n))))
         else:
             k = min(n, int(per_class))  # type: ignore[arg-type]
-        order = rng.permutation(n)
-        chosen.extend(group[i] for i in sorted(order[:k]))
-        rest.extend(group[i] for i in sorted(order[k:]))
+        taken = _take(units, rng.permutation(len(units)).tolist(), k)
+        chosen.extend(sorted((it for u, t in zip(units, taken) if t for it in u), key=lambda d: d["image"]))
+        rest.extend(sorted((it for u, t in zip(units, taken) if not t for it in u), key=lambda d: d["image"]))
     return chosen, rest
 
 
@@ -81,28 +129,36 @@ def make_split(
     The labeled subset is a stratified sample of ``items``; the validation split is carved from that subset (never
     from the test set), so model selection sees only the small labeled set a site has. The test set is
     ``test_items`` when given (the official CRC-VAL-HE-7K), else the items the subset did not take, optionally capped
-    at ``test_per_class`` per class.
+    at ``test_per_class`` per class. Every step draws whole groups (items' ``group``), and the result is checked with
+    :func:`check_groups_disjoint`, so a group shared by ``items`` and ``test_items`` is an error too.
     """
     k = len(classes)
     subset, remainder = stratified_sample(items, k, fraction=fraction, per_class=per_class, seed=seed)
     validation, training = (
         stratified_sample(subset, k, fraction=val_fraction, seed=seed + 1, min_per_class=0) if val_fraction > 0 else ([], subset)
     )
-    # never leave a class without training examples: give back a validation item where that happened
+    # never leave a class without training examples: give back a validation group where that happened
     for c in range(k):
         if not any(it["label"] == c for it in training):
-            moved = [it for it in validation if it["label"] == c][:1]
-            for it in moved:
-                validation.remove(it)
-                training.append(it)
+            first = next((it for it in validation if it["label"] == c), None)
+            if first is not None:
+                moved = [it for it in validation if _group_key(it) == _group_key(first)]
+                validation = [it for it in validation if _group_key(it) != _group_key(first)]
+                training.extend(moved)
     if test_items is not None:
         test = list(test_items)
     else:
         test = remainder
     if test_per_class is not None:
         test, _ = stratified_sample(test, k, per_class=test_per_class, seed=seed + 2)
-    strip = lambda lst: [{"image": it["image"], "label": int(it["label"])} for it in lst]  # noqa: E731
-    return {
+
+    def strip(lst: Sequence[dict]) -> list[dict]:
+        return [
+            {"image": it["image"], "label": int(it["label"]), **({"group": it["group"]} if it.get("group") else {})}
+            for it in lst
+        ]
+
+    split = {
         "classes": list(classes),
         "seed": seed,
         "fraction": fraction,
@@ -117,6 +173,37 @@ def make_split(
         "validation": strip(validation),
         "test": strip(test),
     }
+    check_groups_disjoint(split)
+    return split
+
+
+def check_groups_disjoint(split: Mapping[str, Any], parts: Sequence[str] = SPLIT_PARTS) -> int:
+    """Check that no group has tiles in two parts of a split (training / validation / test).
+
+    Args:
+        split: a split datalist (items may carry ``group``; items without one are not checked).
+        parts: the lists to compare.
+
+    Returns:
+        the number of distinct groups seen.
+
+    Raises:
+        ValueError: naming the first group found in two parts, with one image from each.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for part in parts:
+        for it in split.get(part) or []:
+            group = it.get("group")
+            if group in (None, ""):
+                continue
+            where = seen.setdefault(str(group), (part, str(it["image"])))
+            if where[0] != part:
+                hint = " (byte-identical files)" if str(group).startswith(DUPLICATE_GROUP_PREFIX) else ""
+                raise ValueError(
+                    f"group {group!r}{hint} is in both '{where[0]}' ({where[1]}) and '{part}' ({it['image']}): "
+                    "tiles of one group must stay on one side of the split"
+                )
+    return len(seen)
 
 
 def write_split(split: dict[str, Any], path: str | os.PathLike) -> str:
