@@ -506,11 +506,12 @@ class CentroidSelectionHandler:
         for name in report["short_classes"]:
             v = per_class[name]
             if v["selected"] < v["quota"]:
+                rejected = {r: n for r, n in v["rejected_by_reason"].items() if r != "balance_trimmed"}
                 logger.warning(
-                    "selection (%s): class %s is short of its quota: kept %d of quota %d (%d eligible of %d "
-                    "candidates; rejected %s)",
+                    "selection (%s): class %s is short of its quota: kept %d of quota %d (%d of %d candidates "
+                    "eligible%s; rejected %s)",
                     self.mode, name, v["kept"], v["quota"], v["eligible"], v["candidates"],
-                    v["rejected_by_reason"] or "none",
+                    f", {v['trimmed']} trimmed by balance" if v["trimmed"] else "", rejected or "none",
                 )
         trimmed = {n: t for n, t in report["balance"]["trimmed"].items() if t}
         if trimmed:
