@@ -1,7 +1,7 @@
-"""Audit trail of a selection round: decisions CSV, summary JSON and distance histograms.
+"""Audit trail of a selection round: decisions CSV, summary JSON, distance histograms and kept/rejected bars.
 
-These files let a reviewer check why each synthetic tile was kept or rejected and whether the distance thresholds
-sit sensibly relative to the real tiles' own distances.
+These files let a reviewer check why each synthetic tile was kept or rejected, whether the distance thresholds
+sit sensibly relative to the real tiles' own distances, and whether every class got its quota.
 """
 
 from __future__ import annotations
@@ -21,10 +21,26 @@ from monai.utils import optional_import
 Figure, _ = optional_import("matplotlib.figure", name="Figure")
 FigureCanvasAgg, _ = optional_import("matplotlib.backends.backend_agg", name="FigureCanvasAgg")
 
-__all__ = ["DECISION_COLUMNS", "write_decisions_csv", "write_selection_report", "plot_distance_histograms"]
+__all__ = [
+    "DECISION_COLUMNS",
+    "write_decisions_csv",
+    "write_selection_report",
+    "plot_distance_histograms",
+    "plot_decisions_by_class",
+]
 
 #: Column order of the decisions CSV (see ``SelectionResult.to_rows``).
-DECISION_COLUMNS = ("file", "class", "nearest_class", "distance", "threshold", "confidence", "kept", "reason")
+DECISION_COLUMNS = (
+    "file",
+    "class",
+    "nearest_class",
+    "distance",
+    "threshold",
+    "confidence",
+    "manifest_confidence",
+    "kept",
+    "reason",
+)
 
 
 def _ensure_parent(path: PathLike) -> None:
@@ -124,5 +140,68 @@ def plot_distance_histograms(
         ax.set_title(str(name))
         ax.set_xlabel("distance to class centroid")
         ax.legend(fontsize="small")
+    _ensure_parent(path_png)
+    fig.savefig(os.fspath(path_png), dpi=100, format="png")
+
+
+#: Bar order and colours of :func:`plot_decisions_by_class` (kept first, then rejections from last to first filter).
+_REASON_STYLE = (
+    ("kept", "tab:green"),
+    ("kept_random", "tab:olive"),
+    ("balance_trimmed", "tab:purple"),
+    ("over_quota", "tab:gray"),
+    ("low_confidence", "tab:orange"),
+    ("beyond_distance_threshold", "tab:red"),
+    ("nearest_centroid_is_other_class", "tab:brown"),
+)
+
+
+def plot_decisions_by_class(
+    reason_counts: Mapping[int, Mapping[str, int]] | Sequence[Mapping[str, int]],
+    quotas: Sequence[int | None],
+    class_names: Sequence[str],
+    path_png: PathLike,
+) -> None:
+    """Plot, per class, one horizontal bar stacked by decision reason, with the class quota as a black tick.
+
+    A class short of its quota shows a bar whose kept part ends before the tick; each class label gives its kept count
+    and quota, and the legend counts each reason over all classes.
+
+    Args:
+        reason_counts: per class index, ``{reason: count}`` (e.g. ``SelectionResult.reason_counts()``).
+        quotas: ``K`` quotas (``None`` when unlimited: no tick).
+        class_names: ``K`` names, one bar each.
+        path_png: output PNG; parent folders are created.
+
+    Raises:
+        OptionalImportError: when matplotlib is not installed.
+    """
+    num = len(class_names)
+    fig = Figure(figsize=(10.0, 1.5 + 0.5 * max(num, 3)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    counts = [dict(reason_counts.get(k, {}) if isinstance(reason_counts, Mapping) else reason_counts[k])
+              for k in range(num)]
+    ys = np.arange(num)
+    left = np.zeros(num)
+    for reason, colour in _REASON_STYLE:
+        widths = np.array([c.get(reason, 0) for c in counts], dtype=np.float64)
+        if widths.sum() == 0:
+            continue
+        ax.barh(ys, widths, left=left, color=colour, label=f"{reason} ({int(widths.sum())})")
+        left += widths
+    labelled = False
+    ticks = []
+    for k, q in enumerate(quotas):
+        kept = counts[k].get("kept", 0) + counts[k].get("kept_random", 0)
+        ticks.append(f"{class_names[k]}\nkept {kept}" + ("" if q is None else f" / quota {q}"))
+        if q is not None:
+            ax.plot([q, q], [k - 0.45, k + 0.45], color="k", linewidth=2.5, label=None if labelled else "quota")
+            labelled = True
+    ax.set_yticks(ys, ticks)
+    ax.invert_yaxis()
+    ax.set_xlabel("synthetic candidates")
+    ax.set_title("selection per class: kept / rejected by reason (tick = quota)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _ensure_parent(path_png)
     fig.savefig(os.fspath(path_png), dpi=100, format="png")

@@ -16,6 +16,7 @@ from monai_histodiff.data.datalist import load_datalist
 from monai_histodiff.data.prepare import prepare_labeled_split
 from monai_histodiff.data.toy import make_toy_dataset
 from monai_histodiff.handlers import CentroidSelectionHandler
+from monai_histodiff.handlers.selection import SelectionShortError
 from monai_histodiff.selection import DECISION_COLUMNS
 
 SIZE = 16
@@ -30,6 +31,18 @@ class ColourStats(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+class ColourClassifier(ColourStats):
+    """ColourStats features plus a fixed head: softmax [0.8, 0.1, 0.1] for every tile, whatever its colour, so the
+    extractor is confident of class 0 only (the manifest says 0.9 for every class-like candidate)."""
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        bias = torch.log(torch.tensor([0.8, 0.1, 0.1], device=features.device))
+        return features[:, :1] * 0.0 + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +142,7 @@ def test_quota_filled_closest_first(scenario, selective):
     for name in scenario["classes"]:
         mine = [r for r in rows if r["class"] == name]
         kept = [float(r["distance"]) for r in mine if r["kept"] == "True"]
-        over = [float(r["distance"]) for r in mine if r["reason"] == "over_quota"]
+        over = [float(r["distance"]) for r in mine if r["reason"] in ("over_quota", "balance_trimmed")]
         assert all(float(r["distance"]) <= float(r["threshold"]) for r in mine if r["kept"] == "True")
         assert not over or max(kept) <= min(over)
         info = report["per_class"][name]
@@ -164,18 +177,119 @@ def test_outputs_and_augmented_datalist(scenario, selective):
     for info in report["per_class"].values():
         assert {"candidates", "eligible", "quota", "kept", "shortfall", "threshold"} <= set(info)
     assert report["totals"]["kept"] == len(synthetic) and report["totals"]["candidates"] == len(rows)
-    assert report["settings"]["mode"] == "selective"
+    assert report["settings"]["mode"] == "selective" and report["settings"]["balance"] == "proportional"
+    # only 2 LYM_TOY candidates pass for a quota of 3, so every class keeps 2 of 3 (proportional balance)
+    lym = report["per_class"]["LYM_TOY"]
+    assert (lym["eligible"], lym["selected"], lym["kept"], lym["trimmed"]) == (2, 2, 2, 0)
+    assert [v["kept"] for v in report["per_class"].values()] == [2, 2, 2]
+    assert report["balance"]["fraction"] == pytest.approx(2 / 3)
+    assert sum(report["balance"]["trimmed"].values()) == sum(r["reason"] == "balance_trimmed" for r in rows) == 2
+    assert (report["status"], report["quota_total"], report["kept_total"]) == ("short", 9, 6)
+    assert report["fill"] == report["min_class_fill"] == pytest.approx(2 / 3)
+    assert (out / "kept_by_class.png").stat().st_size > 0
 
 
-def test_low_confidence_and_shortfall_warning(scenario, tmp_path, caplog):
+def test_low_confidence_uses_extractor_softmax(scenario, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="monai_histodiff.handlers.selection"):
-        report = _handler(scenario, tmp_path, min_confidence=0.95).run()
+        report = _handler(scenario, tmp_path, feature_extractor=ColourClassifier(), min_confidence=0.5,
+                          balance="none").run()
     rows = _rows(tmp_path)
-    assert not _kept_files(rows)
-    assert any(r["reason"] == "low_confidence" for r in rows)
-    assert all(r["reason"] != "low_confidence" or r["nearest_class"] == r["class"] for r in rows)
-    assert all(v["shortfall"] == 3 for v in report["per_class"].values())
-    assert "could not fill" in caplog.text and all(name in caplog.text for name in scenario["classes"])
+    first, others = scenario["classes"][0], scenario["classes"][1:]
+    for r in rows:
+        assert float(r["confidence"]) == pytest.approx(0.8 if r["class"] == first else 0.1, abs=1e-6)
+        assert r["manifest_confidence"] == ("0.9" if scenario["kinds"][r["file"]] == "good" else "")
+    # the manifest says 0.9, the extractor 0.1: the extractor decides
+    low = [r for r in rows if r["reason"] == "low_confidence"]
+    assert low and {r["class"] for r in low} == set(others)
+    assert all(r["nearest_class"] == r["class"] and float(r["distance"]) <= float(r["threshold"]) for r in low)
+    assert {r["class"] for r in rows if r["kept"] == "True"} == {first}
+    assert report["per_class"][first]["kept"] == 3
+    assert all(report["per_class"][n]["kept"] == 0 for n in others)
+    assert report["settings"]["confidence_source"] == "feature_extractor_softmax"
+    assert report["status"] == "short" and report["short_classes"] == list(others)
+    for n in others:
+        assert f"class {n} is short of its quota: kept 0 of quota 3" in caplog.text
+
+
+def test_min_confidence_needs_a_classifier(scenario, tmp_path):
+    with pytest.raises(ValueError, match="ColourStats gives 6 outputs"):
+        _handler(scenario, tmp_path, min_confidence=0.5).run()
+    _handler(scenario, tmp_path, min_confidence=0.5, mode="random").run()  # random mode does not filter
+    assert {r["confidence"] for r in _rows(tmp_path)} == {""}
+
+
+@pytest.fixture(scope="module")
+def skewed_manifest(scenario) -> Path:
+    """Class-like candidates for every class but the second (B): B gets only mislabelled and noise tiles."""
+    b = scenario["classes"][1]
+    rows = []
+    for f, kind in scenario["kinds"].items():
+        label = f.split("/")[0] if kind == "good" else None
+        if kind == "good" and label == b:
+            continue
+        row = {"file": str(scenario["synthetic"] / f), "confidence": 0.9}
+        if label is not None:
+            row["class"] = label
+        else:  # wrong/noise rows: recover the labelled class from the original manifest
+            orig = [json.loads(line) for line in scenario["manifest"].read_text().splitlines()]
+            match = next(o for o in orig if o["file"] == f)
+            row.update({k: match[k] for k in ("class", "class_index") if k in match})
+        rows.append(row)
+    path = scenario["root"] / "skewed" / "manifest.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_skewed_proportional_keeps_the_same_fraction(scenario, skewed_manifest, tmp_path, caplog):
+    a, b, c = scenario["classes"]
+    with caplog.at_level(logging.WARNING, logger="monai_histodiff.handlers.selection"):
+        report = _handler(scenario, tmp_path, synthetic_manifest=skewed_manifest).run()
+    per = report["per_class"]
+    assert per[b]["eligible"] == 0 and per[a]["eligible"] >= 3 and per[c]["eligible"] >= 3
+    # B fills 0% of its quota, so A and C keep 0% too instead of 3 each
+    assert [per[n]["kept"] for n in (a, b, c)] == [0, 0, 0]
+    assert [per[n]["selected"] for n in (a, b, c)] == [3, 0, 3]
+    assert report["balance"] == {"mode": "proportional", "fraction": 0.0, "trimmed": {a: 3, b: 0, c: 3}}
+    assert (report["status"], report["quota_total"], report["kept_total"]) == ("short", 9, 0)
+    assert (report["fill"], report["min_class_fill"]) == (0.0, 0.0)
+    assert report["short_classes"] == [a, b, c]
+    rows = _rows(tmp_path)
+    assert sum(r["reason"] == "balance_trimmed" for r in rows) == 6 and not _kept_files(rows)
+    assert f"class {b} is short of its quota: kept 0 of quota 3" in caplog.text
+    assert f"class {a} is short" not in caplog.text  # A and C are trimmed, not short of passing tiles
+    assert f"trimmed {a} by 3, {c} by 3" in caplog.text
+    aug = load_datalist(tmp_path / "augmented_datalist.json")
+    assert aug["selection"]["status"] == "short" and aug["selection"]["counts"]["trimmed"] == [3, 0, 3]
+    assert (tmp_path / "kept_by_class.png").stat().st_size > 0
+
+
+def test_skewed_none_keeps_what_passes(scenario, skewed_manifest, tmp_path):
+    a, b, c = scenario["classes"]
+    report = _handler(scenario, tmp_path, synthetic_manifest=skewed_manifest, balance="none").run()
+    assert [report["per_class"][n]["kept"] for n in (a, b, c)] == [3, 0, 3]
+    assert report["balance"]["trimmed"] == {a: 0, b: 0, c: 0} and report["balance"]["fraction"] is None
+    assert (report["status"], report["short_classes"], report["min_class_fill"]) == ("short", [b], 0.0)
+    assert report["fill"] == pytest.approx(6 / 9)
+    assert report["settings"]["balance"] == "none"
+
+
+def test_skewed_min_fill_fails_naming_the_short_class(scenario, skewed_manifest, tmp_path):
+    a, b, c = scenario["classes"]
+    (tmp_path / "augmented_datalist.json").write_text("{}")  # a stale datalist from an earlier run
+    with pytest.raises(SelectionShortError, match=f"{b} kept 0 of quota 3"):
+        _handler(scenario, tmp_path, synthetic_manifest=skewed_manifest, balance="none", min_fill=0.5).run()
+    assert not (tmp_path / "augmented_datalist.json").exists()
+    report = json.loads((tmp_path / "selection_report.json").read_text())
+    assert report["status"] == "short" and "min_fill=0.5" in report["error"] and b in report["error"]
+    assert len(_rows(tmp_path)) > 0
+    # the same set with min_fill 0 (default) passes; full classes never fail
+    _handler(scenario, tmp_path, synthetic_manifest=skewed_manifest, balance="none").run()
+    assert (tmp_path / "augmented_datalist.json").is_file()
+    with pytest.raises(ValueError, match="min_fill"):
+        _handler(scenario, tmp_path, min_fill=1.5)
+    with pytest.raises(ValueError, match="balance"):
+        _handler(scenario, tmp_path, balance="equal")
 
 
 def test_random_mode(scenario, tmp_path):

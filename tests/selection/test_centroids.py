@@ -9,6 +9,7 @@ from monai_histodiff.selection import (
     class_centroids,
     distances_to_centroids,
     extract_features,
+    extract_features_and_probs,
     l2_normalize,
     real_distance_thresholds,
 )
@@ -69,6 +70,39 @@ class TestCentroids(unittest.TestCase):
         f2, y2 = extract_features(torch.nn.Linear(3, 2), [x], feature_fn=None)
         self.assertIsNone(y2)
         self.assertEqual(tuple(f2.shape), (10, 2))
+
+    def test_extract_features_and_probs_one_pass(self):
+        class Classifier(torch.nn.Module):
+            """features -> classify, counting forward passes of the feature trunk."""
+
+            def __init__(self):
+                super().__init__()
+                self.trunk, self.head, self.calls = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), 0
+
+            def features(self, x):
+                self.calls += 1
+                return self.trunk(x)
+
+            def classify(self, f):
+                return self.head(f)
+
+            def forward(self, x):
+                return self.classify(self.features(x))
+
+        torch.manual_seed(0)
+        net, x = Classifier(), torch.randn(10, 3)
+        f, y, p = extract_features_and_probs(net, [x[:6], x[6:]])
+        self.assertEqual(net.calls, 2)  # one trunk pass per batch: probabilities come from the same features
+        self.assertIsNone(y)
+        torch.testing.assert_close(f, l2_normalize(net.trunk(x).detach()))
+        torch.testing.assert_close(p, torch.softmax(net(x), dim=1).detach())
+        torch.testing.assert_close(p.sum(dim=1), torch.ones(10))
+        # no classify(): the logits are the model output
+        lin = torch.nn.Linear(3, 2)
+        _, _, p2 = extract_features_and_probs(lin, [x])
+        torch.testing.assert_close(p2, torch.softmax(lin(x), dim=1).detach())
+        with self.assertRaisesRegex(ValueError, "logits must be"):
+            extract_features_and_probs(lin, [x], logits_fn=lambda m, xb, fb: fb[:, 0])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 
 from monai_histodiff.selection import (
     DECISION_COLUMNS,
+    plot_decisions_by_class,
     plot_distance_histograms,
     select_candidates,
     write_decisions_csv,
@@ -51,6 +52,15 @@ class TestReport(unittest.TestCase):
         cand = {0: rng.random(20) * 2, 1: []}
         plot_distance_histograms(real, cand, torch.tensor([0.9, 0.8]), ["A", "B"], path)
         self.assertGreater(os.path.getsize(path), 0)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), PNG_MAGIC)
+
+    def test_kept_by_class_png(self):
+        path = os.path.join(self.tmp.name, "sub", "kept.png")
+        counts = self.result.reason_counts()
+        self.assertEqual(counts[0]["kept"], 1)
+        self.assertEqual(counts[0]["nearest_centroid_is_other_class"], 1)
+        plot_decisions_by_class(counts, [5, None], ["A", "B"], path)
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), PNG_MAGIC)
 
