@@ -118,6 +118,18 @@ def _cmd_export_bundle(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_checkpoint(a: argparse.Namespace) -> int:
+    from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, convert_checkpoint
+
+    try:  # with the flag, a file that needs full unpickling is loaded after a warning (convert_checkpoint)
+        out = convert_checkpoint(a.input, a.output, trust_source=a.trust_source_and_run_its_code)
+    except UnsafeCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: tensors and plain values only, loads with torch.load(..., weights_only=True)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per task."""
     p = argparse.ArgumentParser(prog="python -m monai_histodiff", description=__doc__.splitlines()[0])
@@ -212,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--version", default="0.1.0", help="bundle version")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     e.set_defaults(func=_cmd_export_bundle)
+
+    cc = sub.add_parser("convert-checkpoint", help="rewrite a checkpoint/cache as tensors and plain values only, so it "
+                                                   "loads with weights_only=True")
+    cc.add_argument("input", help="the file to convert (never modified)")
+    cc.add_argument("output", help="the converted file to write")
+    cc.add_argument("--trust-source-and-run-its-code", action="store_true",
+                    help="allow full unpickling (weights_only=False) of a file that needs it: this runs any code the "
+                         "file holds; only for a file from a source you trust")
+    cc.set_defaults(func=_cmd_convert_checkpoint)
     return p
 
 

@@ -33,6 +33,8 @@ import torch.nn as nn
 from monai.utils import optional_import
 from torch.utils.data import Dataset
 
+from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, safe_torch_load
+
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = [
@@ -222,9 +224,12 @@ class LatentCache:
             path: the cache file.
             expected_autoencoder_sha256: when given, the hash of the autoencoder checkpoint in use; a cache made with
                 another autoencoder (or with no recorded hash) raises ``ValueError``.
+
+        Raises:
+            UnsafeCheckpointError: the file would need full unpickling to load (read with ``weights_only=True``).
         """
         path = Path(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path, "LatentCache.load (latent cache)")
         if not isinstance(state, dict) or "mu" not in state or "sigma" not in state:
             raise ValueError(f"{path} is not a latent cache (no 'mu' / 'sigma' entries)")
         stored = state.get("autoencoder_sha256")
@@ -299,7 +304,8 @@ def get_or_create_latent_cache(
 ) -> LatentCache:
     """Load the cache at ``path`` when it exists and was made with this autoencoder, else encode and save it.
 
-    A cache whose recorded hash differs from ``autoencoder_sha256`` is rebuilt (and overwritten), never used. In a
+    A cache whose recorded hash differs from ``autoencoder_sha256`` is rebuilt (and overwritten), never used; one that
+    would need full unpickling to load raises :class:`~monai_histodiff.handlers.UnsafeCheckpointError`. In a
     multi-process run call this on one rank and let the others wait on a barrier, then load.
 
     Args:
@@ -317,6 +323,8 @@ def get_or_create_latent_cache(
     if path.is_file():
         try:
             return LatentCache.load(path, expected_autoencoder_sha256=autoencoder_sha256)
+        except UnsafeCheckpointError:  # code in a cache file is a fault to report, not a stale cache to replace
+            raise
         except ValueError as e:  # made with another autoencoder (or unreadable): rebuild
             warnings.warn(f"rebuilding the latent cache: {e}", stacklevel=2)
     posteriors = encode_posteriors(autoencoder, dataloader, device=device, amp=amp, progress=progress)

@@ -3,7 +3,9 @@
 Every checkpoint stores the constructor arguments of its network (``meta["config"]``) and the sha256 of the
 checkpoints it was built on (``meta["parents"]``). Later stages and other sites rebuild networks from those, never
 from retyped settings, and a mismatched pair (a diffusion model with another autoencoder, a fine-tuned decoder of
-another autoencoder) is a clear error naming both files.
+another autoencoder) is a clear error naming both files. Checkpoints are read with ``weights_only=True``
+(:func:`~monai_histodiff.handlers.load_checkpoint`): one that would run code on load is refused, naming the file and
+the loader.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ def load_autoencoder(path: str | os.PathLike, decoder_path: str | os.PathLike | 
 
     The fine-tuned decoder checkpoint must have been made from this very autoencoder (checked by hash).
     """
-    ckpt = load_checkpoint(path, stage="pretrain_autoencoder")
+    ckpt = load_checkpoint(path, stage="pretrain_autoencoder", reader="load_autoencoder")
     model = AutoencoderKL(**ckpt["meta"]["config"]["autoencoder_args"])
     model.load_state_dict(ckpt["state"]["autoencoder"])
     if decoder_path is not None:
-        dec = load_checkpoint(decoder_path, stage="finetune")
+        dec = load_checkpoint(decoder_path, stage="finetune", reader="load_autoencoder (fine-tuned decoder)")
         verify_parent(dec, "autoencoder", path)
         missing = set(dec["state"]["decoder"]) - set(model.state_dict())
         if missing:
@@ -60,7 +62,7 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     ``meta`` holds ``scale_factor``, ``latent_shape`` and ``config["scheduler_args"]``. With ``autoencoder_path``
     the diffusion model is checked to have been trained on that autoencoder's latents.
     """
-    ckpt = load_checkpoint(path, stage="pretrain_diffusion")
+    ckpt = load_checkpoint(path, stage="pretrain_diffusion", reader="load_diffusion")
     if autoencoder_path is not None:
         verify_parent(ckpt, "autoencoder", autoencoder_path)
     model = DiffusionModelUNet(**ckpt["meta"]["config"]["diffusion_args"])
@@ -75,7 +77,7 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
 def diffusion_meta(path: str | os.PathLike, autoencoder_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The ``meta`` of a diffusion checkpoint (scale factor, scheduler settings, latent shape) without building the
     UNet; checked against ``autoencoder_path`` when given."""
-    ckpt = load_checkpoint(path, stage="pretrain_diffusion")
+    ckpt = load_checkpoint(path, stage="pretrain_diffusion", reader="diffusion_meta")
     if autoencoder_path is not None:
         verify_parent(ckpt, "autoencoder", autoencoder_path)
     return ckpt["meta"]
@@ -100,7 +102,7 @@ def load_image_classifier(path: str | os.PathLike, device: str | torch.device = 
     """The auxiliary image classifier phi (a ``HistoImageClassifier``) of stage ``train_aux_classifier``."""
     from monai_histodiff.networks import HistoImageClassifier
 
-    ckpt = load_checkpoint(path, stage="train_aux_classifier")
+    ckpt = load_checkpoint(path, stage="train_aux_classifier", reader="load_image_classifier")
     model = HistoImageClassifier(**ckpt["meta"]["config"]["network_args"])
     model.load_state_dict(ckpt["state"]["classifier"])
     return model.to(device).eval()
@@ -111,7 +113,7 @@ def load_latent_classifier(path: str | os.PathLike, diffusion_path: str | os.Pat
     """The time-dependent latent classifier phi_latent(z_t, t); checked against the diffusion checkpoint if given."""
     from monai_histodiff.networks import TimeConditionedLatentClassifier
 
-    ckpt = load_checkpoint(path, stage="train_latent_classifier")
+    ckpt = load_checkpoint(path, stage="train_latent_classifier", reader="load_latent_classifier")
     if diffusion_path is not None:
         verify_parent(ckpt, "diffusion", diffusion_path)
     model = TimeConditionedLatentClassifier(**ckpt["meta"]["config"]["network_args"])
@@ -123,7 +125,7 @@ def load_tile_classifier(path: str | os.PathLike, device: str | torch.device = "
     """The downstream tissue classifier (a ``TileClassifier``) of stage ``train_downstream``."""
     from monai_histodiff.networks import TileClassifier
 
-    ckpt = load_checkpoint(path, stage="train_downstream")
+    ckpt = load_checkpoint(path, stage="train_downstream", reader="load_tile_classifier")
     model = TileClassifier(**ckpt["meta"]["config"]["network_args"])
     model.load_state_dict(ckpt["state"]["classifier"])
     return model.to(device).eval()
@@ -132,7 +134,7 @@ def load_tile_classifier(path: str | os.PathLike, device: str | torch.device = "
 def load_feature_extractor(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A classifier trained on real labeled tiles, as a feature extractor (its ``features(x)``): the auxiliary
     classifier or the downstream baseline, whichever stage wrote ``path``."""
-    stage = load_checkpoint(path)["meta"].get("stage")
+    stage = load_checkpoint(path, reader="load_feature_extractor")["meta"].get("stage")
     if stage == "train_aux_classifier":
         return load_image_classifier(path, device)
     if stage == "train_downstream":
@@ -143,7 +145,7 @@ def load_feature_extractor(path: str | os.PathLike, device: str | torch.device =
 
 def checkpoint_classes(path: str | os.PathLike) -> list[str]:
     """Class names recorded in a checkpoint."""
-    classes = load_checkpoint(path)["meta"].get("classes")
+    classes = load_checkpoint(path, reader="checkpoint_classes")["meta"].get("classes")
     if not classes:
         raise ValueError(f"{path} records no class names")
     return list(classes)
@@ -160,7 +162,8 @@ def check_classes(checkpoint_classes: list[str], split_classes: list[str], check
 def check_image_size(autoencoder_path: str | os.PathLike, image_size: int) -> None:
     """Raise when ``image_size`` differs from the tile size the autoencoder was pre-trained at: the diffusion model,
     the latent classifier and generation all assume that latent size."""
-    trained = load_checkpoint(autoencoder_path, stage="pretrain_autoencoder")["meta"]["config"].get("image_size")
+    meta = load_checkpoint(autoencoder_path, stage="pretrain_autoencoder", reader="check_image_size")["meta"]
+    trained = meta["config"].get("image_size")
     if trained is not None and int(trained) != int(image_size):
         raise ValueError(f"image_size={image_size} but {autoencoder_path} was pre-trained at image_size={trained}: "
                          f"use the same size (bundles/small.json for the small checkpoints, none for paper scale)")

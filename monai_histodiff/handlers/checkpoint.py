@@ -5,12 +5,21 @@ A checkpoint file is a dict ``{"state": {name: state_dict}, "engine": ignite eng
 sha256 of every checkpoint it was built on, and package / MONAI / torch versions. Every later stage loads its inputs
 through :func:`load_checkpoint` and :func:`verify_parent`, so a diffusion model is never silently paired with the
 wrong autoencoder.
+
+Checkpoints travel between sites, so they are data, never code: files are written with tensors and plain values only
+(:func:`to_plain`, checked after each write) and read with ``torch.load(..., weights_only=True)``
+(:func:`safe_torch_load`). A file that would need arbitrary unpickling is refused before anything in it runs
+(:class:`UnsafeCheckpointError`); :func:`convert_checkpoint` rewrites a trusted one as a plain file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,18 +32,28 @@ Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
 __all__ = [
     "file_sha256",
+    "to_plain",
     "checkpoint_meta",
     "save_checkpoint",
+    "safe_torch_load",
     "load_checkpoint",
+    "convert_checkpoint",
     "verify_parent",
     "StageCheckpointHandler",
     "BestMetricCheckpoint",
     "CheckpointMismatchError",
+    "UnsafeCheckpointError",
 ]
+
+CONVERT_COMMAND = "python -m monai_histodiff convert-checkpoint"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was built on a different parent checkpoint than the one given."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file holds objects that only arbitrary unpickling (which can run code from the file) would rebuild."""
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -44,6 +63,104 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def to_plain(value: Any, key: str = "value") -> Any:
+    """``value`` as tensors and plain values only (numbers, strings, lists, tuples, dicts, None), which
+    ``torch.load(..., weights_only=True)`` reads back without running code.
+
+    ``Path`` becomes ``str``, numpy scalars and arrays Python numbers and lists, ``torch.dtype`` / ``torch.device``
+    their names, subclasses of plain types (enums, ``OrderedDict``) the plain type; an ``OrderedDict`` is kept (it
+    is safe and carries a module state dict's ``_metadata``).
+
+    Args:
+        value: the object to convert.
+        key: its name, used in errors (nested keys are appended, e.g. ``meta['config']['lr']``).
+
+    Raises:
+        TypeError: naming the key, for anything else (a class instance, a function, a set, ...).
+    """
+    if value is None or type(value) in (bool, int, float, str, bytes) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (os.PathLike, torch.dtype, torch.device)):
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):  # e.g. a MONAI StrEnum member: its plain value
+        return str.__str__(value)
+    if isinstance(value, float):  # also numpy.float64
+        return float(value)
+    if isinstance(value, int):  # e.g. an IntEnum member
+        return int(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    if isinstance(value, Mapping):
+        items = {}
+        for k, v in value.items():
+            if k is not None and type(k) not in (bool, int, float, str):
+                raise TypeError(f"{key} has a key of type {type(k).__name__} ({k!r}): checkpoints hold only plain "
+                                f"keys (str, int, float, bool)")
+            items[k] = to_plain(v, f"{key}[{k!r}]")
+        if isinstance(value, OrderedDict):
+            out = OrderedDict(items)
+            if hasattr(value, "_metadata"):
+                out._metadata = to_plain(value._metadata, f"{key}._metadata")  # type: ignore[attr-defined]
+            return out
+        return items
+    if isinstance(value, (list, tuple)):  # a namedtuple becomes a plain tuple
+        items = [to_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{key} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80}): checkpoints "
+                    f"hold only tensors and plain values (numbers, strings, lists, tuples, dicts, None), so that "
+                    f"another site can load them without running code; convert it to one of those")
+
+
+def _save_plain(obj: Any, path: Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, refusing (and removing) a file that ``weights_only`` loading
+    could not read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:
+            raise TypeError(f"not writing {path}: it would hold {sorted(unsafe)}, which another site could only load "
+                            f"by running code from the file; save tensors and plain values only")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def safe_torch_load(path: str | os.PathLike, reader: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, nothing in the file runs.
+
+    Args:
+        path: the file.
+        reader: what is reading it (the stage or step), named in the error.
+        map_location: as for ``torch.load``.
+
+    Raises:
+        UnsafeCheckpointError: naming the file and ``reader``, when the file holds objects that only arbitrary
+            unpickling would rebuild (a class instance, a ``__reduce__`` payload, a TorchScript archive, ...).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e)
+    except RuntimeError as e:
+        if "weights_only" not in str(e):
+            raise
+        reason = str(e)
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", reason)
+    detail = f"it refers to {found.group(1)}" if found else (reason.strip().splitlines() or [""])[0][:200]
+    raise UnsafeCheckpointError(
+        f"refused to load {path} (read by {reader}): it holds objects that only full unpickling can rebuild, and "
+        f"full unpickling can run code from the file ({detail}). monai_histodiff reads checkpoints, caches and "
+        f"state files with weights_only=True. If the file comes from a source you trust (e.g. written by an older "
+        f"version), convert it once: {CONVERT_COMMAND} {path} <converted.pt> --trust-source-and-run-its-code"
+    ) from None
 
 
 def checkpoint_meta(stage: str, config: Mapping[str, Any] | None = None, parents: Mapping[str, str] | None = None,
@@ -62,12 +179,12 @@ def checkpoint_meta(stage: str, config: Mapping[str, Any] | None = None, parents
 
     meta: dict[str, Any] = {
         "stage": stage,
-        "config": dict(config or {}),
+        "config": to_plain(dict(config or {}), "meta['config']"),
         "parents": {k: {"path": str(p), "sha256": file_sha256(p)} for k, p in (parents or {}).items()},
         "versions": {"monai_histodiff": monai_histodiff.__version__, "monai": monai.__version__,
                      "torch": torch.__version__},
     }
-    meta.update(extra)
+    meta.update(to_plain(extra, "meta"))
     return meta
 
 
@@ -77,34 +194,81 @@ def _unwrap(obj: Any) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Mapping[str, Any],
                     engine_state: Mapping[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file then rename): an interrupted save never leaves a broken file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint atomically (temporary file then rename): an interrupted save never leaves a broken file.
+
+    ``meta`` and ``engine_state`` go through :func:`to_plain`; the written file is checked to load with
+    ``weights_only=True`` (a ``TypeError`` naming the key or the offending type otherwise, and no file written).
+    """
     payload = {
         "state": {k: _unwrap(v).state_dict() if hasattr(_unwrap(v), "state_dict") else v for k, v in state.items()},
-        "meta": dict(meta),
+        "meta": to_plain(dict(meta), "meta"),
     }
     if engine_state is not None:
-        payload["engine"] = dict(engine_state)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+        payload["engine"] = to_plain(dict(engine_state), "engine state")
+    return _save_plain(payload, Path(path))
 
 
-def load_checkpoint(path: str | os.PathLike, stage: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; with ``stage``, check it came from that stage."""
+def load_checkpoint(path: str | os.PathLike, stage: str | None = None, map_location: Any = "cpu",
+                    reader: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`; with ``stage``, check it came from that stage.
+
+    The file is read with ``weights_only=True``: one that would need arbitrary unpickling raises
+    :class:`UnsafeCheckpointError` (naming the file and ``reader``) before anything in it runs.
+
+    Args:
+        path: the checkpoint.
+        stage: the stage expected to have written it.
+        map_location: as for ``torch.load``.
+        reader: the stage or step reading it, named in errors (with ``stage``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}" + (f" (expected the output of stage '{stage}')"
                                                                     if stage else ""))
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    reader = ", ".join([reader or "load_checkpoint", *([f"expecting the output of stage '{stage}'"] if stage else [])])
+    ckpt = safe_torch_load(path, reader, map_location=map_location)
     if not isinstance(ckpt, dict) or "state" not in ckpt or "meta" not in ckpt:
         raise ValueError(f"{path} is not a monai_histodiff checkpoint (no 'state'/'meta')")
     if stage is not None and ckpt["meta"].get("stage") != stage:
         raise ValueError(f"{path} was written by stage '{ckpt['meta'].get('stage')}', expected '{stage}'")
     ckpt["meta"]["path"] = str(path)
     return ckpt
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, trust_source: bool = False) -> Path:
+    """Rewrite ``src`` as ``dst`` holding tensors and plain values only, so that it loads with ``weights_only=True``.
+
+    For a file written by an older version or another tool. A file that already loads safely is read safely. One
+    that does not is read with full unpickling only when ``trust_source`` is true, after a warning: that runs any
+    code the file holds, so do it only for a file whose origin you trust. ``src`` is never modified.
+
+    Args:
+        src: the file to convert.
+        dst: the converted file to write (not ``src``).
+        trust_source: allow full unpickling (``weights_only=False``) of ``src``.
+
+    Raises:
+        UnsafeCheckpointError: ``src`` needs full unpickling and ``trust_source`` is false.
+        TypeError: naming the key, when ``src`` holds a value :func:`to_plain` cannot convert.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"no file to convert: {src}")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"convert {src} into another file: the original is kept until the converted one is checked")
+    try:
+        obj = safe_torch_load(src, "convert-checkpoint")
+    except UnsafeCheckpointError:
+        if not trust_source:
+            raise UnsafeCheckpointError(
+                f"{src} can only be read with full unpickling, which runs code from the file: convert-checkpoint does "
+                f"that only when asked ({CONVERT_COMMAND} {src} {dst} --trust-source-and-run-its-code, or "
+                f"trust_source=True), and only for a file from a source you trust"
+            ) from None
+        warnings.warn(f"loading {src} with full unpickling (weights_only=False): this runs any code the file holds",
+                      stacklevel=2)
+        obj = torch.load(src, map_location="cpu", weights_only=False)
+    return _save_plain(to_plain(obj, src.name), dst)
 
 
 def verify_parent(child: Mapping[str, Any], name: str, parent_path: str | os.PathLike) -> None:
@@ -183,7 +347,9 @@ class StageCheckpointHandler:
     def load(self, engine: Engine) -> None:
         if not self.last_path.is_file():
             raise FileNotFoundError(f"resume=True but there is no checkpoint to resume from: {self.last_path}")
-        ckpt = load_checkpoint(self.last_path)
+        stage = self.meta.get("stage") if isinstance(self.meta, Mapping) else None
+        ckpt = load_checkpoint(self.last_path, reader=f"resume=True{f' of stage {stage!r}' if stage else ''} "
+                                                      f"(restoring the run saved in {self.save_dir})")
         for name, obj in self.save_dict.items():
             if name not in ckpt["state"]:
                 raise KeyError(f"{self.last_path} has no '{name}' to resume (has {sorted(ckpt['state'])})")
@@ -248,7 +414,8 @@ class BestMetricCheckpoint:
         self.metric_name = metric_name
         self.best = -float("inf")
         if resume and self.save_path.is_file():  # a resumed run only replaces the best file with a better one
-            self.best = float(load_checkpoint(self.save_path)["meta"].get("best_metric", {}).get("value", self.best))
+            best = load_checkpoint(self.save_path, reader="resume=True (reading the best metric so far)")["meta"]
+            self.best = float(best.get("best_metric", {}).get("value", self.best))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)

@@ -12,6 +12,7 @@ from monai_histodiff.handlers import (
     load_checkpoint,
     loss_terms,
     save_checkpoint,
+    to_plain,
     verify_parent,
 )
 
@@ -80,3 +81,74 @@ def test_parent_hash_verification(tmp_path):
         verify_parent(child, "ae", parent)
     with pytest.raises(ValueError, match="written by stage 'b', expected 'a'"):
         load_checkpoint(child_path, stage="a")
+
+
+def test_to_plain_converts_config_values_and_names_the_bad_key():
+    import enum
+    from collections import OrderedDict
+    from pathlib import Path
+
+    import numpy as np
+
+    class Mode(str, enum.Enum):
+        A = "a"
+
+    plain = to_plain({"p": Path("/x/y"), "f": np.float32(0.5), "i": np.int64(3), "arr": np.arange(2),
+                      "dt": torch.float16, "dev": torch.device("cpu"), "t": (1, [2, None]), "mode": Mode.A,
+                      "od": OrderedDict(a=1), "w": torch.ones(2)})
+    assert plain["p"] == "/x/y" and plain["f"] == 0.5 and type(plain["f"]) is float and type(plain["i"]) is int
+    assert plain["arr"] == [0, 1] and plain["dt"] == "torch.float16" and plain["dev"] == "cpu"
+    assert plain["t"] == (1, [2, None]) and type(plain["mode"]) is str and plain["mode"] == "a"
+    assert type(plain["od"]) is OrderedDict and torch.equal(plain["w"], torch.ones(2))
+    with pytest.raises(TypeError, match=r"meta\['config'\]\['net'\] is a torch.nn.modules.linear.Linear"):
+        checkpoint_meta("a", config={"lr": 1.0, "net": torch.nn.Linear(1, 1)})
+
+
+def test_save_checkpoint_writes_only_safe_files(tmp_path):
+    import numpy as np
+
+    path = save_checkpoint(tmp_path / "c.pt", {"m": torch.nn.Linear(2, 1)},
+                           {"stage": "a", "scale": np.float64(0.2), "dir": tmp_path})
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["meta"] == {"stage": "a", "scale": 0.2, "dir": str(tmp_path)}
+    with pytest.raises(TypeError, match=r"meta\['bad'\] is a builtins.set"):
+        save_checkpoint(tmp_path / "d.pt", {}, {"stage": "a", "bad": {1, 2}})
+    # a state that weights_only loading could not read is not written at all
+    with pytest.raises(TypeError, match=r"not writing .*e\.pt.*Linear"):
+        save_checkpoint(tmp_path / "e.pt", {"whole_module": {"m": torch.nn.Linear(1, 1)}}, {"stage": "a"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_previous_version_files_load_or_say_how_to_convert(tmp_path):
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from monai_histodiff.handlers import UnsafeCheckpointError, convert_checkpoint
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    # written the way the previous version did (plain torch.save of the same layout): plain values load as they are
+    old = tmp_path / "old.pt"
+    torch.save({"state": {"model": model.state_dict(), "optimizer": opt.state_dict()},
+                "meta": {"stage": "a", "config": {"lr": 1e-3, "channels": (8, 16)}},
+                "engine": OrderedDict(iteration=3, epoch_length=3, max_epochs=2)}, old)
+    assert load_checkpoint(old, stage="a")["engine"]["iteration"] == 3
+    # a non-plain value (here a numpy scalar) is refused with the way out
+    odd = tmp_path / "odd.pt"
+    torch.save({"state": {}, "meta": {"stage": "a", "scale_factor": np.float32(0.18)}}, odd)
+    with pytest.raises(UnsafeCheckpointError, match=r"odd\.pt.*numpy.*convert-checkpoint .*odd\.pt"):
+        load_checkpoint(odd)
+    with pytest.raises(UnsafeCheckpointError, match="only when asked"):
+        convert_checkpoint(odd, tmp_path / "new.pt")
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        convert_checkpoint(odd, tmp_path / "new.pt", trust_source=True)
+    new = load_checkpoint(tmp_path / "new.pt", stage="a")
+    assert type(new["meta"]["scale_factor"]) is float and abs(new["meta"]["scale_factor"] - 0.18) < 1e-6
+    # a safe file converts without the flag (read with weights_only=True), the optimizer state still loads
+    convert_checkpoint(old, tmp_path / "old_plain.pt")
+    plain = load_checkpoint(tmp_path / "old_plain.pt")
+    torch.optim.Adam(model.parameters()).load_state_dict(plain["state"]["optimizer"])
