@@ -14,6 +14,7 @@ from monai_histodiff.handlers.checkpoint import (
     safe_torch_load,
     save_checkpoint,
     to_plain,
+    state_digest,
     verify_parent,
 )
 from monai_histodiff.handlers.image_grid import ImageGridHandler, SampleGridHandler, make_grid, save_grid
@@ -32,6 +33,7 @@ __all__ = [
     "safe_torch_load",
     "save_checkpoint",
     "to_plain",
+    "state_digest",
     "verify_parent",
     "ImageGridHandler",
     "SampleGridHandler",

@@ -43,6 +43,7 @@ __all__ = [
     "BestMetricCheckpoint",
     "CheckpointMismatchError",
     "UnsafeCheckpointError",
+    "state_digest",
 ]
 
 CONVERT_COMMAND = "python -m monai_histodiff convert-checkpoint"
@@ -433,3 +434,16 @@ class BestMetricCheckpoint:
             meta["best_metric"] = {"name": self.metric_name, "value": value, "epoch": engine.state.epoch}
             save_checkpoint(self.save_path, self.save_dict, meta)
             engine.logger.info(f"new best {self.metric_name} = {value:.4f}: saved {self.save_path}")
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a network's parameters and buffers, in ``state_dict`` order.
+
+    Recorded in a checkpoint's ``meta`` right after the network is built, it shows that two runs started from the same
+    initial weights (the experiment runner checks it across the rows of a seed).
+    """
+    h = hashlib.sha256()
+    for name, value in _unwrap(module).state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
