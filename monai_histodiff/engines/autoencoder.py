@@ -26,8 +26,8 @@ __all__ = ["AutoencoderKLTrainer"]
 class AutoencoderKLTrainer(Trainer):
     """Train an ``AutoencoderKL`` with L_LAE = L_rec(x_hat, x) + lambda_KL * D_KL(q(z) || N(0, I)) (paper Eq. 4).
 
-    As in LDM, L1 and KL are summed over the elements of a sample and averaged over the batch
-    (:func:`~monai_histodiff.engines.losses.reconstruction_loss`, :func:`~monai_histodiff.engines.losses.kl_divergence`),
+    As in LDM, L1 and KL are summed over the elements of a sample and averaged over the batch (``reconstruction_loss``
+    and ``kl_divergence`` of :mod:`monai_histodiff.engines.losses`),
     which is what makes lambda_KL = 1e-6 a slight penalty. The perceptual and adversarial terms (one value per sample
     or batch) are added per pixel element, ``loss = rec + kl_weight * kl + n * (perceptual_weight * perceptual +
     adv_weight * adv_g)`` with ``n = C*H*W``: their weights are relative to the per-pixel L1 (LDM adds its
