@@ -54,7 +54,13 @@ from monai_histodiff.engines.distributed import (  # noqa: E402
     prepare_network,
     resolve_device,
 )
-from monai_histodiff.engines.losses import build_perceptual_loss, diffusion_loss, kl_divergence  # noqa: E402
+from monai_histodiff.engines.losses import (  # noqa: E402
+    build_perceptual_loss,
+    diffusion_loss,
+    kl_divergence,
+    per_element_weight,
+    reconstruction_loss,
+)
 from monai_histodiff.engines.loading import (  # noqa: E402
     check_classes,
     check_image_size,
@@ -90,6 +96,8 @@ __all__ += [
     "build_perceptual_loss",
     "diffusion_loss",
     "kl_divergence",
+    "per_element_weight",
+    "reconstruction_loss",
     "LinearWarmup",
     "check_classes",
     "check_image_size",

@@ -1,4 +1,5 @@
-"""Ignite engine for KL-autoencoder pre-training (paper Eq. 4): L1 + lambda_KL * KL + perceptual + patch adversarial.
+"""Ignite engine for KL-autoencoder pre-training (paper Eq. 4): L1 + lambda_KL * KL + perceptual + patch adversarial,
+with LDM's reductions (see :mod:`monai_histodiff.engines.losses`).
 
 The generator (MONAI ``AutoencoderKL``) and the discriminator (MONAI ``PatchDiscriminator``) are optimised in the
 same iteration; the adversarial terms start after ``adv_start`` iterations, as in the LDM recipe.
@@ -15,7 +16,7 @@ from monai.engines.utils import default_prepare_batch
 from monai.losses import PatchAdversarialLoss
 from monai.utils import min_version, optional_import
 
-from monai_histodiff.engines.losses import kl_divergence
+from monai_histodiff.engines.losses import kl_divergence, per_element_weight, reconstruction_loss
 
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
@@ -25,8 +26,14 @@ __all__ = ["AutoencoderKLTrainer"]
 class AutoencoderKLTrainer(Trainer):
     """Train an ``AutoencoderKL`` with L_LAE = L_rec(x_hat, x) + lambda_KL * D_KL(q(z) || N(0, I)) (paper Eq. 4).
 
-    L_rec = L1 + ``perceptual_weight`` * perceptual + ``adv_weight`` * patch adversarial (generator side). The
-    discriminator is updated in the same iteration with the least-squares patch GAN loss.
+    As in LDM, L1 and KL are summed over the elements of a sample and averaged over the batch (``reconstruction_loss``
+    and ``kl_divergence`` of :mod:`monai_histodiff.engines.losses`),
+    which is what makes lambda_KL = 1e-6 a slight penalty. The perceptual and adversarial terms (one value per sample
+    or batch) are added per pixel element, ``loss = rec + kl_weight * kl + n * (perceptual_weight * perceptual +
+    adv_weight * adv_g)`` with ``n = C*H*W``: their weights are relative to the per-pixel L1 (LDM adds its
+    perceptual loss to every pixel the same way; LDM weighs the adversarial term adaptively instead, here the weight
+    is fixed). The discriminator is updated in the same iteration with the least-squares patch GAN loss. The output
+    carries the unweighted terms ``rec`` and ``kl`` (per-sample sums), ``perceptual``, ``adv_g``, ``adv_d`` (means).
 
     Args:
         device: device of the run.
@@ -36,10 +43,11 @@ class AutoencoderKLTrainer(Trainer):
         g_optimizer: optimizer of the autoencoder.
         discriminator: MONAI ``PatchDiscriminator`` or None (no adversarial term).
         d_optimizer: optimizer of the discriminator.
-        kl_weight: lambda_KL (paper: 1e-6).
+        kl_weight: lambda_KL (paper: 1e-6), against the per-sample sum of the L1.
         perceptual_loss: a loss module ``(recon, x) -> scalar`` or None.
-        perceptual_weight: its weight.
-        adv_weight: weight of the adversarial terms.
+        perceptual_weight: its weight per pixel element, relative to the per-pixel L1 (LDM: 1.0).
+        adv_weight: weight of the generator's adversarial term per pixel element, relative to the per-pixel L1 (it
+            also scales the discriminator's loss).
         adv_start: iteration from which the adversarial terms are used.
         epoch_length: iterations per epoch (default: the loader's length).
         train_handlers: ignite handlers (stats, checkpoints, grids...).
@@ -117,17 +125,17 @@ class AutoencoderKLTrainer(Trainer):
         with self._autocast():
             recon, z_mu, z_sigma = self.autoencoder(x)
         recon = recon.float()
-        terms = {"rec": torch.nn.functional.l1_loss(recon, x), "kl": kl_divergence(z_mu.float(), z_sigma.float())}
+        terms = {"rec": reconstruction_loss(recon, x), "kl": kl_divergence(z_mu.float(), z_sigma.float())}
         loss = terms["rec"] + self.kl_weight * terms["kl"]
         if self.perceptual_loss is not None and self.perceptual_weight > 0:
             terms["perceptual"] = self.perceptual_loss(recon, x)
-            loss = loss + self.perceptual_weight * terms["perceptual"]
+            loss = loss + per_element_weight(self.perceptual_weight, x) * terms["perceptual"]
         if use_adv:
             self.discriminator.train()
             with self._autocast():
                 logits_fake = self.discriminator(recon)[-1]
             terms["adv_g"] = self.adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
-            loss = loss + self.adv_weight * terms["adv_g"]
+            loss = loss + per_element_weight(self.adv_weight, x) * terms["adv_g"]
         self._check({"loss": loss, **terms}, engine.state.iteration)
         self._step(loss, self.g_optimizer, engine.scaler)
 

@@ -19,6 +19,8 @@ from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.losses import PatchAdversarialLoss
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_histodiff.engines.losses import per_element_weight, reconstruction_loss
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -103,6 +105,14 @@ class DecoderFinetuneTrainer(Trainer):
     weighted patch-adversarial generator loss (MONAI's :class:`~monai.losses.PatchAdversarialLoss`), the discriminator
     being updated after the decoder at each iteration once adversarial training has started.
 
+    Reductions are those of pre-training (:mod:`monai_histodiff.engines.losses`, one home): the L1 is
+    :func:`~monai_histodiff.engines.losses.reconstruction_loss` (summed over the C*H*W elements of a sample, averaged
+    over the batch), and every term with one value per sample (perceptual, adversarial, cross-entropy) is added per
+    pixel element, i.e. multiplied by ``n = C*H*W``. So :math:`\\lambda_{CE}` weighs a sample's cross-entropy
+    against its per-pixel L1: with the paper's :math:`\\lambda_{CE} = 1` a CE of 2.2 (9 classes, chance) counts as
+    much as a mean absolute error of 2.2 per pixel. Had the CE been added once to the element-summed L1 instead, it
+    would be ``1 / n`` of that (1/196,608 at 256 px) and fine-tuning would ignore the classifier.
+
     The encoder side (``encoder``, ``quant_conv_mu``, ``quant_conv_log_sigma``) and the classifier are frozen at
     construction (eval mode, ``requires_grad=False``) and kept in eval mode at every iteration: the trainer never
     calls ``train()`` on them, only on ``post_quant_conv``, ``decoder`` and the discriminator. The encoder runs under
@@ -112,11 +122,12 @@ class DecoderFinetuneTrainer(Trainer):
 
     Each iteration's ``engine.state.output`` is a dict with ``"image"`` (x), ``"label"`` (y), ``"recon"``
     (:math:`\\mathcal{D}'(\\mathcal{E}(x))`, detached) and the floats ``"loss"`` (:math:`L_{\\mathcal{D}}`),
-    ``"rec"`` (the L1 term), ``"ce"`` (unweighted), ``"lr"`` (learning rate of the first parameter group), plus
+    ``"rec"`` (the L1 term, summed per sample), ``"ce"`` (unweighted, mean over the batch), ``"lr"`` (learning rate of
+    the first parameter group), plus
     ``"perceptual"`` (unweighted) when a perceptual loss is used and ``"adv_g"`` / ``"adv_d"`` (unweighted generator /
     discriminator losses, 0.0 before ``adv_start``) when a discriminator is used; the keys match those of
     :class:`monai_histodiff.engines.autoencoder.AutoencoderKLTrainer`, and
-    ``loss = rec + perceptual_weight * perceptual + adv_weight * adv_g + ce_weight * ce``. A non-finite loss term
+    ``loss = rec + n * (perceptual_weight * perceptual + adv_weight * adv_g + ce_weight * ce)``. A non-finite loss term
     raises :class:`FloatingPointError` naming the term, the iteration and the epoch, before the optimizer step (or, for
     ``adv_d``, the discriminator step) it would corrupt.
 
@@ -130,16 +141,16 @@ class DecoderFinetuneTrainer(Trainer):
             labeled set; frozen here.
         optimizer: optimizer of the decoder, built by the caller on :func:`decoder_parameters` (it may hold only
             decoder-side parameters).
-        ce_weight: :math:`\\lambda_{CE}`.
+        ce_weight: :math:`\\lambda_{CE}`, per pixel element (see above).
         perceptual_loss: optional perceptual loss module ``(recon, image) -> loss``, e.g. MONAI's
             :class:`~monai.losses.PerceptualLoss`; used when ``perceptual_weight > 0``.
-        perceptual_weight: weight of the perceptual loss in :math:`\\mathcal{L}_{rec}`.
+        perceptual_weight: weight of the perceptual loss in :math:`\\mathcal{L}_{rec}`, per pixel element.
         discriminator: optional patch discriminator, e.g. MONAI's
             :class:`~monai.networks.nets.PatchDiscriminator` (a list/tuple output uses its last element as logits);
             used when ``adv_weight > 0``.
         d_optimizer: optimizer of the discriminator; required with ``discriminator``.
-        adv_weight: weight of the adversarial terms (generator term in :math:`\\mathcal{L}_{rec}`, and the
-            discriminator loss, as in MONAI's AutoencoderKL tutorial).
+        adv_weight: weight of the adversarial terms (generator term in :math:`\\mathcal{L}_{rec}`, per pixel element,
+            and the discriminator loss, as in MONAI's AutoencoderKL tutorial).
         adv_start: number of iterations without adversarial training: the adversarial terms are used from iteration
             ``adv_start + 1`` on.
         adv_criterion: criterion of the :class:`~monai.losses.PatchAdversarialLoss` (``"least_squares"``, ``"hinge"``
@@ -323,23 +334,24 @@ class DecoderFinetuneTrainer(Trainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             logits = engine.classifier(recon)
 
-        # L_rec(x_hat, x): L1 (+ w_p * perceptual) (+ w_adv * adversarial generator term), as in pre-training (Eq. 4)
-        terms: dict[str, torch.Tensor] = {"rec": F.l1_loss(recon.float(), images.float())}
+        # L_rec(x_hat, x): L1 (+ w_p * perceptual) (+ w_adv * adversarial generator term), as in pre-training (Eq. 4);
+        # the per-sample terms count once per pixel element (n = C*H*W), like the element-summed L1
+        terms: dict[str, torch.Tensor] = {"rec": reconstruction_loss(recon, images)}
         loss_rec = terms["rec"]
         if engine.perceptual_loss is not None:
             terms["perceptual"] = engine.perceptual_loss(recon.float(), images.float()).mean()
-            loss_rec = loss_rec + engine.perceptual_weight * terms["perceptual"]
+            loss_rec = loss_rec + per_element_weight(engine.perceptual_weight, images) * terms["perceptual"]
         if engine.discriminator is not None:
             if use_adv:
                 logits_fake = engine._discriminate(recon)
                 terms["adv_g"] = engine.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
-                loss_rec = loss_rec + engine.adv_weight * terms["adv_g"]
+                loss_rec = loss_rec + per_element_weight(engine.adv_weight, images) * terms["adv_g"]
             else:
                 terms["adv_g"] = recon.new_zeros(())
         # L_CE(phi(x_hat), y) through the frozen auxiliary classifier
         loss_ce = terms["ce"] = F.cross_entropy(logits.float(), _class_targets(labels, logits))
-        # Eq. 5: L_D = L_rec + lambda_CE * L_CE
-        loss = loss_rec + engine.ce_weight * loss_ce
+        # Eq. 5: L_D = L_rec + lambda_CE * L_CE, the CE per pixel element like the other per-sample terms
+        loss = loss_rec + per_element_weight(engine.ce_weight, images) * loss_ce
         values = engine._check_finite(engine, terms)
         values["loss"] = float(loss.detach().item())
         engine.state.output["recon"] = recon.detach()

@@ -60,7 +60,8 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     """The pre-trained diffusion UNet (EMA weights when stored and ``use_ema``) and its checkpoint ``meta``.
 
     ``meta`` holds ``scale_factor``, ``latent_shape`` and ``config["scheduler_args"]``. With ``autoencoder_path``
-    the diffusion model is checked to have been trained on that autoencoder's latents.
+    the diffusion model is checked to have been trained on that autoencoder's latents. Loading EMA weights warns when
+    the EMA still holds over 10% of its random initialisation (``meta["ema"]``, or estimated for older checkpoints).
     """
     ckpt = load_checkpoint(path, stage="pretrain_diffusion", reader="load_diffusion")
     if autoencoder_path is not None:
@@ -68,6 +69,9 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     model = DiffusionModelUNet(**ckpt["meta"]["config"]["diffusion_args"])
     state = ckpt["state"]
     if use_ema and "ema" in state:
+        from monai_histodiff.handlers.ema import ema_summary_from_checkpoint, warn_if_unconverged
+
+        warn_if_unconverged(ema_summary_from_checkpoint(ckpt), str(path))
         model.load_state_dict(state["ema"])
     else:
         model.load_state_dict(state["diffusion"])

@@ -55,3 +55,17 @@ from monai_histodiff.handlers.selection import CentroidSelectionHandler, read_ge
 
 __all__ += ["CentroidSelectionHandler", "read_generation_manifest"]
 # --- end centroid-based selective augmentation ---
+
+# --- EMA with warm-up and its convergence record ---
+from monai_histodiff.handlers.ema import (  # noqa: E402
+    EMA_WARN_INITIAL_WEIGHT,
+    WarmupEMAHandler,
+    ema_initial_weight,
+    ema_momentum,
+    ema_summary_from_checkpoint,
+    warn_if_unconverged,
+)
+
+__all__ += ["EMA_WARN_INITIAL_WEIGHT", "WarmupEMAHandler", "ema_initial_weight", "ema_momentum",
+            "ema_summary_from_checkpoint", "warn_if_unconverged"]
+# --- end EMA with warm-up ---

@@ -12,6 +12,8 @@ import torch
 from monai.utils import min_version, optional_import
 from PIL import Image
 
+from monai_histodiff.handlers.ema import warn_if_unconverged
+
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
@@ -107,15 +109,18 @@ class SampleGridHandler:
         tag: name of the grid.
         interval: epochs between grids (the final epoch always writes one).
         summary_writer: optional TensorBoard writer.
+        ema: the ``WarmupEMAHandler`` whose EMA model ``sample_fn`` samples from, if any: each grid then warns when
+            that EMA still holds over 10% of its random initialisation.
     """
 
     def __init__(self, sample_fn: Callable[[], torch.Tensor], output_dir: str | os.PathLike, tag: str = "samples",
-                 interval: int = 1, summary_writer: Any = None) -> None:
+                 interval: int = 1, summary_writer: Any = None, ema: Any = None) -> None:
         self.sample_fn = sample_fn
         self.output_dir = Path(output_dir)
         self.tag = tag
         self.interval = max(1, int(interval))
         self.writer = summary_writer
+        self.ema = ema
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -124,6 +129,8 @@ class SampleGridHandler:
         last = engine.state.epoch == engine.state.max_epochs
         if not _is_main_process() or (engine.state.epoch % self.interval and not last):
             return
+        if self.ema is not None:
+            warn_if_unconverged(self.ema.summary(), f"the model being trained (grid of epoch {engine.state.epoch})")
         samples = self.sample_fn()
         rows = list(samples) if isinstance(samples, (list, tuple)) else [
             samples[i : i + 8] for i in range(0, min(len(samples), 32), 8)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monai_histodiff.engines import load_autoencoder, load_diffusion
-from monai_histodiff.handlers import CheckpointMismatchError, file_sha256, load_checkpoint
+from monai_histodiff.handlers import CheckpointMismatchError, ema_initial_weight, file_sha256, load_checkpoint
 from tests.bundles.conftest import FAST, SMALL, run_bundle
 
 
@@ -45,6 +45,11 @@ def test_diffusion_checkpoint_scale_factor_and_pairing(pretrained, tmp_path):
     assert meta["parents"]["autoencoder"]["sha256"] == file_sha256(ae_path)
     assert meta["config"]["scheduler_args"]["schedule"] == "scaled_linear_beta"
     assert meta["latent_shape"] == [3, 16, 16] and {"diffusion", "ema", "optimizer", "lr_scheduler"} <= set(ckpt["state"])
+    # the EMA's convergence record: one update per iteration, with the warm-up the initialisation is all but gone
+    n = ckpt["engine"]["iteration"]
+    assert meta["ema"] == {"num_updates": n, "momentum": 1e-4, "warmup": True,
+                           "initial_weight": ema_initial_weight(n, 1e-4)}
+    assert n >= 2 and meta["ema"]["initial_weight"] < 0.02
     # scale factor = 1 / std of the latents the diffusion model trains on (posterior samples), over all batches
     (cache_file,) = (pretrained / "pretrain_diffusion").glob("latent_cache_*.pt")  # named after its data
     cache = torch.load(cache_file, weights_only=False)

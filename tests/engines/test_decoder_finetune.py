@@ -120,7 +120,9 @@ def test_only_decoder_is_updated_encoder_and_classifier_bit_identical():
     assert set(out) >= {"image", "label", "recon", "loss", "rec", "ce", "lr"}
     assert out["recon"].shape == out["image"].shape == (8, 3, 16, 16)
     assert isinstance(out["loss"], float) and out["lr"] == pytest.approx(1e-3)
-    assert out["loss"] == pytest.approx(out["rec"] + out["ce"], rel=1e-5)
+    # one reconstruction function: |x_hat - x| summed per sample, batch mean; CE per pixel element (n = 3 * 16 * 16)
+    assert out["rec"] == pytest.approx(float((out["recon"] - out["image"]).abs().sum() / 8), rel=1e-5)
+    assert out["loss"] == pytest.approx(out["rec"] + 768 * out["ce"], rel=1e-5)
 
 
 def test_latent_is_posterior_mean_by_default():
@@ -198,7 +200,7 @@ def test_perceptual_and_adversarial_terms():
     assert outputs[0]["adv_g"] == 0.0 and outputs[0]["adv_d"] == 0.0  # before adv_start
     assert outputs[1]["adv_g"] > 0.0 and outputs[1]["adv_d"] > 0.0
     for o in outputs:
-        expected = o["rec"] + 0.5 * o["perceptual"] + 0.1 * o["adv_g"] + o["ce"]
+        expected = o["rec"] + 768 * (0.5 * o["perceptual"] + 0.1 * o["adv_g"] + o["ce"])  # per pixel element
         assert o["loss"] == pytest.approx(expected, rel=1e-5)
     assert any(not torch.equal(v, disc.state_dict()[k]) for k, v in d_before.items())
 
