@@ -130,6 +130,26 @@ def _cmd_convert_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge(a: argparse.Namespace) -> int:
+    from monai_histodiff.metrics.classification import write_report_json
+    from monai_histodiff.metrics.judge import judge_generated
+
+    report = judge_generated(a.judge_ckpt, a.synthetic_dir, a.split, decisions_csv=a.decisions,
+                             image_size=a.image_size, fd_num_samples=a.fd_num_samples, batch_size=a.batch_size,
+                             device=a.device, seed=a.seed)
+    write_report_json(report, a.output)
+    acc = report["conditional_accuracy"]
+    print(f"wrote {a.output}")
+    print(f"  conditional accuracy (judge agrees with the requested class): {acc['accuracy']:.4f} of {acc['count']}")
+    for part in ("kept", "rejected"):
+        if part in report and report[part]["count"]:
+            print(f"  {part:8s} {report[part]['accuracy']:.4f} of {report[part]['count']}")
+    fd = report["frechet"]
+    if fd.get("overall") is not None:
+        print(f"  {fd['metric_name']} vs {fd['real']}: {fd['overall']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per task."""
     p = argparse.ArgumentParser(prog="python -m monai_histodiff", description=__doc__.splitlines()[0])
@@ -233,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow full unpickling (weights_only=False) of a file that needs it: this runs any code the "
                          "file holds; only for a file from a source you trust")
     cc.set_defaults(func=_cmd_convert_checkpoint)
+
+    j = sub.add_parser("judge", help="measure generated tiles with an independent classifier (the judge)")
+    j.add_argument("--judge_ckpt", required=True, help="train_downstream checkpoint trained on the judge datalist")
+    j.add_argument("--split", required=True, help="the split datalist the judge's data came from")
+    j.add_argument("--synthetic_dir", required=True, help="generation folder (or its manifest.jsonl)")
+    j.add_argument("--decisions", default=None, help="selection decisions.csv: adds kept / rejected measures")
+    j.add_argument("--output", required=True, help="JSON report to write")
+    j.add_argument("--image_size", type=int, default=None, help="default: the judge's training size")
+    j.add_argument("--fd_num_samples", type=int, default=1000, help="tiles per set for the Frechet distance")
+    j.add_argument("--batch_size", type=int, default=64)
+    j.add_argument("--device", default="cpu")
+    j.add_argument("--seed", type=int, default=0)
+    j.set_defaults(func=_cmd_judge)
     return p
 
 

@@ -160,7 +160,7 @@ def load_datalist(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
-    for split in ("training", "validation", "test", "unlabeled"):
+    for split in ("training", "validation", "test", "pool", "unlabeled"):
         for item in data.get(split, []):
             if not os.path.isabs(item["image"]):
                 item["image"] = _join(path.parent, item["image"])
@@ -173,7 +173,7 @@ def write_datalist(data: dict[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     base = os.path.abspath(path.parent)  # lexical, like _join: the same paths come back through symbolic links
     out = dict(data)
-    for split in ("training", "validation", "test", "unlabeled"):
+    for split in ("training", "validation", "test", "pool", "unlabeled"):
         if split in data:
             out[split] = [dict(it, image=os.path.relpath(os.path.abspath(it["image"]), base)) for it in data[split]]
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process: ranks may write the same list

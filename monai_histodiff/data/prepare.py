@@ -64,6 +64,9 @@ def prepare_labeled_split(
     a class-folder tree, else from a ``group`` column of a CSV datalist. Tiles without a group are hashed, and
     byte-identical files are grouped (with a warning). No group is ever split across training, validation and test.
 
+    ``test_per_class`` caps the test set per class; the labeled tiles in none of training / validation / test are
+    recorded as ``pool`` (whole groups; only the judge reads it, see :mod:`monai_histodiff.metrics.judge`).
+
     Writes ``output`` (the split datalist, each item with its ``group`` when it has one), ``classes.json`` and, when
     bad files were found, ``bad_files.json`` in the same folder. Returns the split with extra ``bad_files``,
     ``groups_file`` (the file used, or None) and ``duplicate_sets`` (number of sets of identical files) entries.
@@ -121,13 +124,16 @@ def ensure_split(
     test_dir: str | os.PathLike | None = None,
     bad_files: str = "skip",
     groups_file: str | os.PathLike | None = None,
+    test_per_class: int | None = None,
 ) -> dict[str, Any]:
     """Load the split datalist, drawing it first from ``dataset_dir`` when the file does not exist yet.
 
     Every labeled stage calls this, so the first one run at a site writes the split and all later stages (and
     reruns) read the very same file. Image paths come back absolute. ``groups_file`` names each tile's group (see
-    :func:`prepare_labeled_split`; default: ``groups.csv`` at the root of ``dataset_dir`` when present). The loaded
-    split is checked with :func:`~monai_histodiff.data.split.check_groups_disjoint`.
+    :func:`prepare_labeled_split`; default: ``groups.csv`` at the root of ``dataset_dir`` when present).
+    ``test_per_class`` caps the test set per class; the labeled tiles it leaves out are recorded as the split's
+    ``pool``, which only the judge reads. The loaded split is checked with
+    :func:`~monai_histodiff.data.split.check_groups_disjoint` (pool included).
     """
     split_file = Path(split_file)
     if not split_file.is_file():
@@ -139,7 +145,7 @@ def ensure_split(
             fraction = 0.05
         prepare_labeled_split(dataset_dir, split_file, fraction=fraction, per_class=per_class,
                               val_fraction=val_fraction, seed=seed, test_dataset=test_dir, bad_files=bad_files,
-                              groups_file=groups_file)
+                              groups_file=groups_file, test_per_class=test_per_class)
     split = load_datalist(split_file)
     for key in ("classes", "training"):
         if not split.get(key):

@@ -3,6 +3,10 @@
 The split is written once as a JSON datalist that every later stage reads, so it is reproducible and auditable:
 the file records the seed, the fraction or per-class count, and the class names.
 
+Besides ``training``, ``validation`` and ``test`` the file records ``pool``: the labeled tiles in none of them (what a
+``test_per_class`` cap left out, or, with a separate test set, everything the labeled subset did not take). Only the
+judge (:mod:`monai_histodiff.metrics.judge`) reads it; no training or selection stage does.
+
 Items that carry a ``group`` (patient, slide, original image, or a set of byte-identical files) are drawn as whole
 groups: every tile of a group lands on the same side of every split (labeled subset / rest, training / validation,
 labeled / test), so near-copies of one original never sit on both sides. Counts are still counted in tiles; an item
@@ -19,12 +23,12 @@ import numpy as np
 
 from monai_histodiff.data.datalist import DUPLICATE_GROUP_PREFIX, class_counts, write_datalist
 
-__all__ = ["stratified_sample", "make_split", "write_split", "check_groups_disjoint"]
+__all__ = ["stratified_sample", "make_split", "write_split", "check_groups_disjoint", "group_key"]
 
-SPLIT_PARTS = ("training", "validation", "test")
+SPLIT_PARTS = ("training", "validation", "test", "pool")
 
 
-def _group_key(item: dict) -> tuple[str, str]:
+def group_key(item: dict) -> tuple[str, str]:
     """The unit an item is drawn with: its group, or the item alone when it has none."""
     group = item.get("group")
     return ("g", str(group)) if group not in (None, "") else ("i", str(item["image"]))
@@ -35,7 +39,7 @@ def _by_class(items: Sequence[dict], num_classes: int) -> list[list[list[dict]]]
     order. A group whose tiles carry different labels is an error naming it."""
     units: dict[tuple[str, str], list[dict]] = {}
     for it in sorted(items, key=lambda d: d["image"]):
-        units.setdefault(_group_key(it), []).append(it)
+        units.setdefault(group_key(it), []).append(it)
     per_class: list[list[list[dict]]] = [[] for _ in range(num_classes)]
     for (_, name), unit in units.items():
         labels = sorted({int(it["label"]) for it in unit})
@@ -131,6 +135,10 @@ def make_split(
     ``test_items`` when given (the official CRC-VAL-HE-7K), else the items the subset did not take, optionally capped
     at ``test_per_class`` per class. Every step draws whole groups (items' ``group``), and the result is checked with
     :func:`check_groups_disjoint`, so a group shared by ``items`` and ``test_items`` is an error too.
+
+    ``pool`` records the tiles of ``items`` in none of training / validation / test (whole groups): the tiles the
+    ``test_per_class`` cap left out, or, with ``test_items``, all tiles the labeled subset did not take (tiles of
+    ``test_items`` left out by the cap are not recorded). Only the judge reads it.
     """
     k = len(classes)
     subset, remainder = stratified_sample(items, k, fraction=fraction, per_class=per_class, seed=seed)
@@ -142,15 +150,17 @@ def make_split(
         if not any(it["label"] == c for it in training):
             first = next((it for it in validation if it["label"] == c), None)
             if first is not None:
-                moved = [it for it in validation if _group_key(it) == _group_key(first)]
-                validation = [it for it in validation if _group_key(it) != _group_key(first)]
+                moved = [it for it in validation if group_key(it) == group_key(first)]
+                validation = [it for it in validation if group_key(it) != group_key(first)]
                 training.extend(moved)
     if test_items is not None:
-        test = list(test_items)
+        test, pool = list(test_items), remainder
     else:
-        test = remainder
+        test, pool = remainder, []
     if test_per_class is not None:
-        test, _ = stratified_sample(test, k, per_class=test_per_class, seed=seed + 2)
+        test, left_out = stratified_sample(test, k, per_class=test_per_class, seed=seed + 2)
+        if test_items is None:
+            pool = left_out
 
     def strip(lst: Sequence[dict]) -> list[dict]:
         return [
@@ -168,17 +178,19 @@ def make_split(
             "training": class_counts(training, k),
             "validation": class_counts(validation, k),
             "test": class_counts(test, k),
+            "pool": class_counts(pool, k),
         },
         "training": strip(training),
         "validation": strip(validation),
         "test": strip(test),
+        "pool": strip(pool),  # labeled tiles in none of the above; only the judge reads it
     }
     check_groups_disjoint(split)
     return split
 
 
 def check_groups_disjoint(split: Mapping[str, Any], parts: Sequence[str] = SPLIT_PARTS) -> int:
-    """Check that no group has tiles in two parts of a split (training / validation / test).
+    """Check that no group has tiles in two parts of a split (training / validation / test / pool).
 
     Args:
         split: a split datalist (items may carry ``group``; items without one are not checked).

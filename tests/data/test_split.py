@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import pytest
 
 from monai_histodiff.data.datalist import class_counts, load_datalist, scan_class_folders
-from monai_histodiff.data.prepare import prepare_labeled_split
-from monai_histodiff.data.split import check_groups_disjoint, make_split, stratified_sample
+from monai_histodiff.data.prepare import ensure_split, prepare_labeled_split
+from monai_histodiff.data.split import check_groups_disjoint, make_split, stratified_sample, write_split
 
 
 def _items(n_per_class=(40, 60, 20)):
@@ -79,7 +81,7 @@ def _grouped_items():
 
 def _parts_of_groups(split):
     where: dict[str, set[str]] = {}
-    for part in ("training", "validation", "test"):
+    for part in ("training", "validation", "test", "pool"):
         for it in split[part]:
             where.setdefault(it["group"], set()).add(part)
     return where
@@ -158,6 +160,46 @@ def test_separate_test_set_sharing_a_group_is_an_error():
         make_split(items, ["a", "b", "c"], fraction=1.0, seed=0, test_items=test)
 
 
+def test_pool_holds_what_the_test_cap_left_out_by_whole_groups(tmp_path):
+    items = _grouped_items()
+    for seed in range(3):
+        split = make_split(items, ["a", "b", "c"], fraction=0.1, val_fraction=0.25, seed=seed, test_per_class=20)
+        assert all(abs(n - 20) <= 3 for n in split["counts"]["test"]), split["counts"]["test"]
+        parts = ("training", "validation", "test", "pool")
+        images = [it["image"] for p in parts for it in split[p]]
+        assert sorted(images) == sorted(it["image"] for it in items)  # every tile in exactly one part
+        assert split["counts"]["pool"] == class_counts(split["pool"], 3) and sum(split["counts"]["pool"]) > 100
+        assert all(len(where) == 1 for where in _parts_of_groups(split).values())  # whole groups, pool included
+        assert check_groups_disjoint(split) == 120
+    # without a cap the rest is the test set and the pool is empty; the pool is written and read back like the rest
+    assert make_split(items, ["a", "b", "c"], fraction=0.1, seed=0)["pool"] == []
+    write_split(split, tmp_path / "split.json")
+    assert load_datalist(tmp_path / "split.json")["pool"] == split["pool"]
+    assert not json.loads((tmp_path / "split.json").read_text())["pool"][0]["image"].startswith("/")
+
+
+def test_pool_with_a_separate_test_set_is_the_unlabeled_rest():
+    test = [{"image": f"/t/{i}.png", "label": i % 3, "group": f"t{i}"} for i in range(30)]
+    split = make_split(_grouped_items(), ["a", "b", "c"], fraction=0.1, seed=0, test_items=test, test_per_class=5)
+    assert split["counts"]["test"] == [5, 5, 5]
+    assert len(split["pool"]) == len(_grouped_items()) - len(split["training"]) - len(split["validation"])
+    assert not any(it["image"].startswith("/t/") for it in split["pool"])  # test-set tiles never join the pool
+
+
+def test_check_groups_disjoint_covers_the_pool():
+    split = {"training": [{"image": "/a.png", "label": 0, "group": "g1"}],
+             "test": [{"image": "/b.png", "label": 0, "group": "g2"}],
+             "pool": [{"image": "/c.png", "label": 0, "group": "g2"}]}
+    with pytest.raises(ValueError, match=r"'g2'.*'test' \(/b.png\).*'pool' \(/c.png\)"):
+        check_groups_disjoint(split)
+
+
+def test_ensure_split_threads_test_per_class(toy_dir, tmp_path):
+    split = ensure_split(tmp_path / "split.json", toy_dir, per_class=4, val_fraction=0.25, test_per_class=3)
+    assert split["counts"]["test"] == [3, 3, 3, 3] and split["counts"]["pool"] == [5, 5, 5, 5]
+    assert len(split["pool"]) == 20 and all(os.path.isabs(it["image"]) for it in split["pool"])
+
+
 def test_real_lung_tiles_split_by_groups(lc25000_dir, caplog):
     with caplog.at_level(logging.INFO, logger="monai_histodiff.data.datalist"):
         items, classes = scan_class_folders(lc25000_dir)  # groups.csv at the root is found and used
@@ -182,3 +224,8 @@ def test_real_lung_tiles_split_by_groups(lc25000_dir, caplog):
         for it in plain[part]:
             sides.setdefault(groups[it["image"]], set()).add(part)
     assert any(len(s) > 1 for s in sides.values())
+    # capped test set: the rest is the judge's pool, whole groups only
+    capped = make_split(items, classes, fraction=0.02, val_fraction=0.2, seed=0, test_per_class=1000)
+    assert all(abs(n - 1000) <= 3 for n in capped["counts"]["test"]), capped["counts"]
+    assert sum(len(capped[p]) for p in ("training", "validation", "test", "pool")) == 9000
+    assert all(len(parts) == 1 for parts in _parts_of_groups(capped).values())
