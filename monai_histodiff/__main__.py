@@ -76,19 +76,42 @@ def _cmd_scan(a: argparse.Namespace) -> int:
     return 1 if bad and a.strict else 0
 
 
+def _parse_settings(pairs: list[str]) -> dict[str, dict[str, object]]:
+    """``["train_latent_classifier.lr=1e-3", ...]`` -> ``{"train_latent_classifier": {"lr": 0.001}}``."""
+    import ast
+
+    out: dict[str, dict[str, object]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or not stage or not name:
+            raise SystemExit(f"--set takes STAGE.KEY=VALUE (e.g. train_latent_classifier.lr=1e-3), got {pair!r}")
+        try:
+            parsed: object = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        out.setdefault(stage, {})[name] = parsed
+    return out
+
+
 def _cmd_experiment(a: argparse.Namespace) -> int:
     from monai_histodiff.experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(
-        output_dir=a.output_dir, dataset_dir=a.dataset_dir, test_dir=a.test_dir, unlabeled_dir=a.unlabeled_dir,
-        small=not a.paper_scale, label_fraction=a.fraction, label_per_class=a.per_class, val_fraction=a.val_fraction,
-        seeds=a.seeds, ratios=a.ratios, random_ratio=a.random_ratio or None, ablation=a.ablation,
-        aux_epochs=a.aux_epochs, finetune_epochs=a.finetune_epochs, latent_epochs=a.latent_epochs,
-        downstream_epochs=a.downstream_epochs, downstream_batch_size=a.downstream_batch_size,
-        generation_steps=a.generation_steps, lr=a.lr,
+        output_dir=a.output_dir, dataset_dir=a.dataset_dir, test_dir=a.test_dir,
+        unlabeled_dir=a.unlabeled_dir[0] if a.unlabeled_dir and len(a.unlabeled_dir) == 1 else a.unlabeled_dir,
+        groups_file=a.groups_file, small=not a.paper_scale, label_fraction=a.fraction, label_per_class=a.per_class,
+        val_fraction=a.val_fraction, test_per_class=a.test_per_class, seeds=a.seeds, ratios=a.ratios,
+        random_ratio=a.random_ratio or None, ablation=a.ablation, downstream_steps=a.downstream_steps,
+        downstream_epochs=a.downstream_epochs, generation_steps=a.generation_steps, guidance_scale=a.guidance_scale,
+        pool_factor=a.pool_factor, max_pool_factor=a.max_pool_factor, balance=a.balance,
+        min_confidence=a.min_confidence, min_latent_margin=a.min_latent_margin, judge=not a.no_judge,
+        sweep_scales=a.sweep_scales, sweep_steps=a.sweep_steps, sweep_per_class=a.sweep_per_class,
+        stage_overrides=_parse_settings(a.set),
     )
     run_experiment(cfg)
-    print((__import__("pathlib").Path(a.output_dir) / "results.md").read_text())
+    out = __import__("pathlib").Path(a.output_dir)
+    print((out / (f"ablation_{a.ablation}" if a.ablation else "") / "results.md").read_text())
     return 0
 
 
@@ -206,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output_dir", required=True, help="run folder (pre-trained checkpoints are reused from it)")
     e.add_argument("--dataset_dir", required=True, help="labeled class-folder tree")
     e.add_argument("--test_dir", default=None, help="separate test set; default: tiles the labeled subset did not take")
-    e.add_argument("--unlabeled_dir", default=None, help="pre-train here first when no checkpoints exist")
+    e.add_argument("--unlabeled_dir", nargs="+", default=None,
+                   help="pre-train here first when no checkpoints exist: a parent of source folders, or the folders")
     e.add_argument("--paper_scale", action="store_true", help="256 px configs (GPU); default: bundles/small.json")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--fraction", type=float, default=None, help="labeled share per class (paper: 0.05)")
@@ -216,13 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
     e.add_argument("--random_ratio", type=float, default=0.5, help="ratio of the '+ random' row (0: no such row)")
     e.add_argument("--ablation", choices=["no_finetune", "no_pretrain"], default=None)
-    e.add_argument("--aux_epochs", type=int, default=10)
-    e.add_argument("--finetune_epochs", type=int, default=3)
-    e.add_argument("--latent_epochs", type=int, default=60)
-    e.add_argument("--downstream_epochs", type=int, default=10)
-    e.add_argument("--downstream_batch_size", type=int, default=None, help="default: the bundle's (128)")
-    e.add_argument("--generation_steps", type=int, default=50)
-    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--test_per_class", type=int, default=None, help="cap the test set per class (the rest: judge pool)")
+    e.add_argument("--groups_file", default=None, help="image,group CSV (default: <dataset_dir>/groups.csv if present)")
+    e.add_argument("--downstream_steps", type=int, default=None,
+                   help="optimizer steps of every row's downstream classifier (default: downstream_epochs over the "
+                        "baseline's training set)")
+    e.add_argument("--downstream_epochs", type=int, default=None, help="default: the bundle's max_epochs")
+    e.add_argument("--generation_steps", type=int, default=None, help="DDIM steps (default: the bundle's)")
+    e.add_argument("--guidance_scale", type=float, default=None, help="g (default: the bundle's, 1.0)")
+    e.add_argument("--pool_factor", type=float, default=1.5, help="first pool: this x the largest quota per class")
+    e.add_argument("--max_pool_factor", type=float, default=6.0, help="top-up bound, x the quota per class")
+    e.add_argument("--balance", choices=["proportional", "none"], default="proportional",
+                   help="selection when a class falls short: keep the class balance, or keep what passes")
+    e.add_argument("--min_confidence", type=float, default=None, help="selection's confidence rule (default: off)")
+    e.add_argument("--min_latent_margin", type=float, default=0.1,
+                   help="stop unless the latent classifier beats chance by this at the lowest noise bucket")
+    e.add_argument("--no_judge", action="store_true", help="skip the independent judge")
+    e.add_argument("--sweep_scales", type=float, nargs="*", default=[], help="guidance scales the judge measures")
+    e.add_argument("--sweep_steps", type=int, nargs="*", default=[], help="DDIM step counts the judge measures")
+    e.add_argument("--sweep_per_class", type=int, default=16, help="tiles per class per sweep setting")
+    e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="per-stage bundle override, repeatable (e.g. --set train_latent_classifier.lr=1e-3)")
     e.set_defaults(func=_cmd_experiment)
 
     lf = sub.add_parser("large-files", help="write large_files.yml (sha256, URLs) for the pre-trained checkpoints")

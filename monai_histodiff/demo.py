@@ -19,6 +19,9 @@ __all__ = ["run_demo", "prepare_demo_data"]
 
 DEMO_IMAGE_SIZE = 64
 DEMO_CLASSES = 4
+#: share of toy tiles drawn on another class's background, so that the baseline is not already perfect
+DEMO_CONFUSION = 0.6
+DEMO_LABELED_PER_CLASS = 12
 
 
 def prepare_demo_data(
@@ -31,7 +34,8 @@ def prepare_demo_data(
     toy = dataset_dir is None
     if toy:
         dataset_dir = str(out / "data" / "labeled")
-        make_toy_dataset(dataset_dir, num_per_class=60, image_size=DEMO_IMAGE_SIZE, num_classes=DEMO_CLASSES, seed=0)
+        make_toy_dataset(dataset_dir, num_per_class=60, image_size=DEMO_IMAGE_SIZE, num_classes=DEMO_CLASSES, seed=0,
+                         confusion=DEMO_CONFUSION)
         if unlabeled_dir is None:  # two toy "sources" with other seeds stand in for the multi-source collection
             unlabeled_dir = str(out / "data" / "unlabeled")
             for i, name in enumerate(("toy_source_a", "toy_source_b")):
@@ -41,7 +45,7 @@ def prepare_demo_data(
     else:
         print(f"[data] labeled data: {dataset_dir}")
     datalists = out / "runs"  # the run folder every stage reads: split.json, classes.json, unlabeled.json
-    split = prepare_labeled_split(dataset_dir, datalists / "split.json", per_class=24 if toy else None,
+    split = prepare_labeled_split(dataset_dir, datalists / "split.json", per_class=DEMO_LABELED_PER_CLASS if toy else None,
                                   fraction=None if toy else 0.05, val_fraction=0.25, seed=0)
     print(f"[split] wrote {datalists / 'split.json'} and {datalists / 'classes.json'}: classes {split['classes']}")
     for part in ("training", "validation", "test"):
@@ -77,12 +81,11 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset_dir: str | N
                   adv_start=260, adv_weight=0.05, **common)
     if not (runs / "pretrain_diffusion" / "diffusion.pt").is_file():
         run_stage("pretrain_diffusion", logs, datalist=datalist, max_epochs=100, batch_size=16, lr=2e-3,
-                  warmup_steps=20, ema_momentum=0.01, sample_interval=25, grid_inference_steps=25, **common)
+                  warmup_steps=20, sample_interval=25, grid_inference_steps=25, **common)
     cfg = ExperimentConfig(output_dir=runs.as_posix(), dataset_dir=paths["dataset_dir"], small=True,
-                           label_per_class=24 if toy else None, label_fraction=None if toy else 0.05,
+                           label_per_class=DEMO_LABELED_PER_CLASS if toy else None, label_fraction=None if toy else 0.05,
                            val_fraction=0.25, seeds=(0,), ratios=(0.5, 1.0, 2.0, 3.0), random_ratio=0.5,
-                           aux_epochs=15, finetune_epochs=3, latent_epochs=100, downstream_epochs=15, downstream_batch_size=16,
-                           generation_steps=50, lr=2e-3)
+                           generation_steps=50, judge=False)
     run_experiment(cfg)
     minutes = (time.time() - start) / 60
     print("\n" + "=" * 100)

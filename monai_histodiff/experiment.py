@@ -1,10 +1,22 @@
-"""The paper's Table 1 protocol on the data it is given: baseline (real subset only), + random 50%, + selective
-50/100/200/300%, downstream classifiers trained with several seeds, results as CSV, Markdown and a plot.
+"""The paper's Table 1 protocol on the data it is given, measured so that its rows can differ and its claims hold.
 
-One pre-trained and adapted model serves every row: the guided generator runs once, for the largest ratio, and each
-row selects its subset from that pool. Ablations of the paper's supplementary table: ``no_finetune`` (generate with
-the pre-trained decoder D instead of D') and ``no_pretrain`` (autoencoder and diffusion model trained on the small
-labeled training set only).
+Rows: baseline (real subset only), + random 50%, + selective 50/100/200/300%, a downstream classifier per row and seed,
+evaluated on the test split. What the runner guarantees, and reports, beyond running the stages:
+
+* one split, drawn by groups (``groups_file`` or a ``groups.csv`` at the dataset root): no group on two sides of
+  training / validation / test / judge pool (checked before any stage runs);
+* the latent classifier must know the class at low noise (accuracy in the lowest timestep bucket clearly above
+  chance), else the run stops: guidance would steer nowhere and every synthetic row would measure noise;
+* one generated pool, topped up per class until the largest row's quota of selectable tiles is met (bounded by
+  ``max_pool_factor``); each row selects from it; a row still short is marked so in the table (kept / quota);
+* every row's downstream classifier gets the same number of optimizer steps from the same initialisation per seed;
+* an independent judge (a classifier trained on every labeled tile outside the test groups, never used to select or
+  train) measures what the generator makes: conditional accuracy of the pool and of what selection keeps and
+  rejects, Frechet distance per class in its feature space.
+
+Ablations of the paper's supplementary table run in ``<output_dir>/ablation_<name>/`` on the same split and judge:
+``no_finetune`` (generate with the pre-trained decoder D instead of D') and ``no_pretrain`` (autoencoder and
+diffusion model trained on the small labeled training set only).
 """
 
 from __future__ import annotations
@@ -13,49 +25,114 @@ import csv
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_histodiff.data.datalist import load_datalist, write_datalist
+from monai_histodiff.data.datalist import class_counts, load_datalist, write_datalist
 from monai_histodiff.data.prepare import ensure_split
+from monai_histodiff.data.split import check_groups_disjoint
 from monai_histodiff.pipeline import run_stage
 
-__all__ = ["ExperimentConfig", "Row", "experiment_rows", "run_experiment", "summarise", "write_results"]
+__all__ = [
+    "ExperimentConfig",
+    "ExperimentError",
+    "Row",
+    "experiment_rows",
+    "run_experiment",
+    "check_latent_classifier",
+    "stage_hparam",
+    "pool_counts",
+    "summarise",
+    "paired_differences",
+    "write_results",
+]
 
 METRICS = ("fd", "accuracy", "macro_f1", "macro_sensitivity", "macro_specificity")
+STAGES = ("pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
+          "generate", "select", "train_downstream", "evaluate", "judge")
+
+
+class ExperimentError(RuntimeError):
+    """The protocol cannot produce a meaningful row (e.g. a latent classifier at chance); the message says why."""
 
 
 @dataclass
 class ExperimentConfig:
-    """Settings of one experiment run (every path relative to the working directory or absolute).
+    """Settings of one experiment run (paths relative to the working directory or absolute).
 
-    Epoch and step counts default to a short CPU run at the small size; the paper's values are in the bundles.
+    Hyper-parameters of each stage come from its bundle (the paper's Table 2 at paper scale) and, with ``small``,
+    from ``bundles/small.json`` (the CPU size); ``stage_overrides`` changes them per stage
+    (``{"train_latent_classifier": {"lr": 1e-3}}``) and ``extra`` for every stage.
+
+    Attributes:
+        downstream_steps: optimizer steps of every row's downstream classifier (same for every row, whatever its
+            size); None: ``downstream_epochs`` over the baseline's training set.
+        downstream_epochs: epochs of that budget (validation and best-checkpoint points); None: the bundle's.
+        pool_factor: the first generated pool holds ``pool_factor`` x the largest row's quota per class.
+        max_pool_factor: top-up bound: never more than this x the quota per class.
+        balance: selection's rule when a class falls short (``"proportional"``: every class keeps the same share of
+            its quota, so the class balance never changes; ``"none"``).
+        min_confidence: the selection's confidence rule (the paper selects on confidence and centroid distance).
+        min_latent_margin: the latent classifier's accuracy at the lowest noise bucket must exceed chance by this.
+        judge: train (or reuse) the independent judge and measure the generated tiles with it.
+        judge_epochs, judge_steps: its training budget (optimizer steps over every labeled tile outside the test
+            groups; 160 steps of 32 tiles give a 0.93-accurate judge on the lung tiles at 64 px).
+        sweep_scales, sweep_steps, sweep_per_class: guidance scales x DDIM steps measured by the judge (tiles per
+            class each); empty: no sweep.
     """
 
     output_dir: str
     dataset_dir: str | None = None
     test_dir: str | None = None
-    unlabeled_dir: str | None = None
+    unlabeled_dir: str | Sequence[str] | None = None
+    groups_file: str | None = None
     small: bool = True
     label_fraction: float | None = None
     label_per_class: int | None = None
     val_fraction: float = 0.2
+    test_per_class: int | None = None
     seeds: Sequence[int] = (0,)
     ratios: Sequence[float] = (0.5, 1.0, 2.0, 3.0)
     random_ratio: float | None = 0.5
     ablation: str | None = None
-    aux_epochs: int = 10
-    finetune_epochs: int = 3
-    latent_epochs: int = 60
-    downstream_epochs: int = 10
-    downstream_batch_size: int | None = None
-    pretrain_ae_epochs: int = 10
-    pretrain_diffusion_epochs: int = 30
-    generation_steps: int = 50
-    lr: float = 1e-3
+    downstream_steps: int | None = None
+    downstream_epochs: int | None = None
+    generation_steps: int | None = None
+    guidance_scale: float | None = None
+    pool_factor: float = 1.5
+    max_pool_factor: float = 6.0
+    balance: str = "proportional"
+    min_confidence: float | None = None
+    min_latent_margin: float = 0.1
+    judge: bool = True
+    judge_epochs: int = 2
+    judge_steps: int = 160
+    sweep_scales: Sequence[float] = ()
+    sweep_steps: Sequence[int] = ()
+    sweep_per_class: int = 16
+    stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stage_overrides) - set(STAGES)
+        if unknown:
+            raise ValueError(f"stage_overrides names unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+        if self.ablation not in (None, "no_finetune", "no_pretrain"):
+            raise ValueError(f"ablation must be None, 'no_finetune' or 'no_pretrain', got {self.ablation!r}")
+        if self.balance not in ("proportional", "none"):
+            raise ValueError(f"balance must be 'proportional' or 'none', got {self.balance!r}")
+        if not 1.0 <= self.pool_factor <= self.max_pool_factor:
+            raise ValueError(f"need 1 <= pool_factor ({self.pool_factor}) <= max_pool_factor ({self.max_pool_factor})")
+        if self.downstream_steps is not None and self.downstream_steps < 1:
+            raise ValueError(f"downstream_steps must be >= 1, got {self.downstream_steps}")
+        if any(r <= 0 for r in self.ratios) or (self.random_ratio is not None and self.random_ratio < 0):
+            raise ValueError(f"ratios must be > 0 (got {list(self.ratios)}, random_ratio {self.random_ratio})")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
 
 
 @dataclass
@@ -80,89 +157,378 @@ def _slug(row: Row) -> str:
     return "baseline" if row.mode is None else f"{row.mode}_{int(round(row.ratio * 100))}"
 
 
-def _pretrain_on_training_split(cfg: ExperimentConfig, out: Path, logs: Path, common: dict) -> None:
+class _Stages:
+    """Runs the stages of one experiment folder with the per-stage overrides, logging each to ``<out>/logs``.
+
+    Every call is recorded in ``<out>/commands.jsonl`` (stage, log name, overrides, seconds). The judge's checkpoint
+    is fire-walled: no stage but ``evaluate`` (which measures it) may be given its path.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, out: Path) -> None:
+        self.cfg, self.out, self.logs = cfg, out, out / "logs"
+        self.seconds: dict[str, float] = {}
+        self.firewall: set[str] = set()
+
+    def __call__(self, stage: str, log_name: str | None = None, **overrides: Any) -> float:
+        merged = {"output_dir": self.out.as_posix(), **self.cfg.extra, **overrides,
+                  **self.cfg.stage_overrides.get(stage, {})}
+        if stage != "evaluate":
+            leaked = [k for k, v in merged.items() if isinstance(v, str) and any(f in v for f in self.firewall)]
+            if leaked:
+                raise ExperimentError(f"stage {stage} was given the judge's checkpoint ({leaked}): the judge only "
+                                      f"measures, it never selects or trains")
+        name = log_name or stage
+        seconds = run_stage(stage, self.logs, self.cfg.small, log_name=name, **merged)
+        self.seconds[name] = round(seconds, 1)
+        with open(self.out / "commands.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage, "log": name, "overrides": merged, "seconds": round(seconds, 1)},
+                               default=str) + "\n")
+        return seconds
+
+
+def check_latent_classifier(stage_dir: str | os.PathLike, num_classes: int, margin: float = 0.1) -> dict[str, Any]:
+    """Read ``timestep_accuracy.json`` of the latent classifier and refuse one that does not know the class.
+
+    Guidance follows ``grad log p(y | z_t)``; a classifier at chance at the lowest noise level steers nowhere.
+
+    Returns:
+        ``{"buckets": [...], "lowest_bucket_accuracy": a, "chance": 1/K}``.
+
+    Raises:
+        ExperimentError: when the lowest bucket's accuracy is below ``1/K + margin`` (the message names the file).
+    """
+    path = Path(stage_dir) / "timestep_accuracy.json"
+    if not path.is_file():
+        raise ExperimentError(f"{path} not found: the latent classifier stage wrote no accuracy per noise bucket")
+    data = json.loads(path.read_text())
+    buckets = data.get("buckets") or []
+    if not buckets:
+        raise ExperimentError(f"{path} holds no buckets")
+    lowest = min(buckets, key=lambda b: b["t_min"])
+    chance = 1.0 / num_classes
+    if lowest["accuracy"] < chance + margin:
+        raise ExperimentError(
+            f"the latent classifier reached only {lowest['accuracy']:.3f} accuracy at t in [{lowest['t_min']}, "
+            f"{lowest['t_max']}] on the validation tiles ({path}), chance is {chance:.3f}: guidance would steer "
+            f"nowhere and every synthetic row would measure noise. Train it longer or check its learning rate "
+            f"(stage_overrides train_latent_classifier), then delete {Path(stage_dir)} and rerun."
+        )
+    return {"buckets": buckets, "lowest_bucket_accuracy": lowest["accuracy"], "chance": chance}
+
+
+def pool_counts(quotas: Sequence[int], counts: Sequence[int], eligible: Sequence[int], max_pool_factor: float,
+                margin: float = 1.2) -> list[int]:
+    """Per-class tile counts of the next generation round so that each class can fill its quota.
+
+    A class that already has ``eligible >= quota`` keeps its count; a short one grows by its deficit divided by its
+    observed acceptance rate (at least ``1 / max_pool_factor``), times ``margin``, capped at
+    ``max_pool_factor * quota``.
+    """
+    nxt = []
+    for q, n, e in zip(quotas, counts, eligible):
+        cap = max(n, math.ceil(max_pool_factor * q))
+        if e >= q or n >= cap:
+            nxt.append(int(n))
+            continue
+        rate = max(e / max(n, 1), 1.0 / max_pool_factor)
+        nxt.append(int(min(cap, n + math.ceil(margin * (q - e) / rate))))
+    return nxt
+
+
+def _selection_summary(report_path: Path) -> dict[str, Any]:
+    report = json.loads(report_path.read_text())
+    per_class = report["per_class"]
+    kept = {c: int(v["kept"]) for c, v in per_class.items()}
+    quota = {c: int(v["quota"]) for c, v in per_class.items()}
+    eligible = {c: int(v.get("eligible") or 0) for c, v in per_class.items()}
+    short = sorted(c for c in per_class if kept[c] < quota[c])
+    return {"kept": kept, "quota": quota, "eligible": eligible, "kept_total": sum(kept.values()),
+            "quota_total": sum(quota.values()), "short_classes": short, "status": "short" if short else "full"}
+
+
+def _judge_ckpt(cfg: ExperimentConfig, out: Path, stages: _Stages) -> Path | None:
+    """Train (or reuse) the independent judge on every labeled tile outside the test groups; evaluate it on test."""
+    if not cfg.judge:
+        return None
+    from monai_histodiff.metrics.judge import judge_datalist
+
+    jdir = out / "judge"
+    ckpt = jdir / "classifier.pt"
+    if not ckpt.is_file():
+        datalist = jdir / "datalist.json"
+        write_datalist(judge_datalist(load_datalist(out / "split.json")), datalist)
+        stages("train_downstream", log_name="judge_train", datalist_file=datalist.as_posix(),
+               stage_dir=jdir.as_posix(), seed=0,
+               **{"max_epochs": cfg.judge_epochs, "epoch_length": max(1, cfg.judge_steps // cfg.judge_epochs),
+                  **cfg.stage_overrides.get("judge", {})})
+    if not (jdir / "evaluate" / "metrics.json").is_file():
+        stages("evaluate", log_name="judge_evaluate", downstream_ckpt=ckpt.as_posix(),
+               eval_dir=(jdir / "evaluate").as_posix(), seed=0)
+    return ckpt
+
+
+def _judge(judge_ckpt: Path | None, out: Path, synthetic_dir: Path, decisions: Path | None, name: str) -> dict | None:
+    if judge_ckpt is None:
+        return None
+    from monai_histodiff.metrics.judge import judge_generated
+
+    result = judge_generated(judge_ckpt, synthetic_dir, out / "split.json", decisions_csv=decisions)
+    (out / "judged").mkdir(parents=True, exist_ok=True)
+    (out / "judged" / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _prepare_ablation(cfg: ExperimentConfig, main: Path) -> Path:
+    """``<main>/ablation_<name>/`` with the main run's split (and, for no_finetune, its adapted checkpoints)."""
+    out = main / f"ablation_{cfg.ablation}"
+    out.mkdir(parents=True, exist_ok=True)
+    reuse = ["split.json", "classes.json", "train_aux_classifier/aux_classifier.pt"]
+    if cfg.ablation == "no_finetune":
+        reuse += ["pretrain_autoencoder/autoencoder.pt", "pretrain_diffusion/diffusion.pt",
+                  "train_latent_classifier/latent_classifier.pt", "train_latent_classifier/timestep_accuracy.json"]
+    for rel in reuse:
+        src, dst = main / rel, out / rel
+        if src.is_file() and not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return out
+
+
+def _pretrain_on_training_split(out: Path, stages: _Stages) -> None:
     """Ablation 'without large-scale pre-training': autoencoder and diffusion on the labeled training tiles only."""
     split = load_datalist(out / "split.json")
     items = [{"image": it["image"], "source": "labeled_training", "sample_weight": 1.0} for it in split["training"]]
     listing = out / "pretrain_training_only.json"
     write_datalist({"unlabeled": items}, listing)
     datalist = f"$monai_histodiff.data.load_datalist('{listing.as_posix()}')['unlabeled']"
-    run_stage("pretrain_autoencoder", logs, cfg.small, max_epochs=cfg.pretrain_ae_epochs, lr=cfg.lr,
-              adv_start=10**9, datalist=datalist, **common)
-    run_stage("pretrain_diffusion", logs, cfg.small, max_epochs=cfg.pretrain_diffusion_epochs, lr=cfg.lr,
-              warmup_steps=10, datalist=datalist, **common)
+    if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
+        stages("pretrain_autoencoder", datalist=datalist)
+    if not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
+        stages("pretrain_diffusion", datalist=datalist)
+
+
+def _unlabeled_overrides(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    if cfg.unlabeled_dir is None:
+        raise FileNotFoundError(f"no pre-trained checkpoints in {out}/pretrain_*/ and no unlabeled_dir to pre-train "
+                                f"on: copy autoencoder.pt / diffusion.pt there or pass --unlabeled_dir")
+    if isinstance(cfg.unlabeled_dir, str):
+        return {"dataset_dir": cfg.unlabeled_dir}
+    from monai_histodiff.data.unlabeled import unlabeled_datalist
+
+    listing = out / "unlabeled.json"
+    write_datalist(unlabeled_datalist(list(cfg.unlabeled_dir), "size"), listing)
+    return {"datalist": f"$monai_histodiff.data.load_datalist('{listing.as_posix()}')['unlabeled']"}
+
+
+def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list[Row], classes: list[str],
+                   real_counts: list[int], generation: dict[str, Any]) -> dict[str, Any]:
+    """Generate (and top up) one pool from which every row can fill its quota; returns the rounds' record."""
+    synthetic_dir = out / "generate"
+    max_ratio = max(r.ratio for r in rows if r.mode is not None)
+    quotas = [round(max_ratio * n) for n in real_counts]
+    counts = [math.ceil(cfg.pool_factor * q) for q in quotas]
+    selective = [r for r in rows if r.mode == "selective"]
+    rounds = []
+    while True:
+        stages("generate", log_name=f"generate_round{len(rounds)}", counts=counts,
+               synthetic_dir=synthetic_dir.as_posix(), **generation)
+        if not selective:
+            rounds.append({"counts": dict(zip(classes, counts))})
+            break
+        probe = out / "pool_check"
+        stages("select", log_name=f"pool_check_round{len(rounds)}", mode="selective", ratio=max_ratio,
+               balance="none", synthetic_dir=synthetic_dir.as_posix(), selection_dir=probe.as_posix(),
+               min_confidence=cfg.min_confidence)
+        summary = _selection_summary(probe / "selection_report.json")
+        eligible = [summary["eligible"][c] for c in classes]
+        rounds.append({"counts": dict(zip(classes, counts)), "eligible": dict(zip(classes, eligible)),
+                       "quota": dict(zip(classes, quotas))})
+        nxt = pool_counts(quotas, counts, eligible, cfg.max_pool_factor)
+        if nxt == counts:
+            break
+        counts = nxt
+    last = rounds[-1]
+    short = [c for c in classes if last.get("eligible", {}).get(c, quotas[classes.index(c)]) < last["quota"][c]] \
+        if "quota" in last else []
+    if short:
+        print(f"[experiment] WARNING: after {len(rounds)} generation round(s) (bound {cfg.max_pool_factor}x the "
+              f"quota) class(es) {short} have fewer selectable tiles than the {max_ratio:.0%} row needs; rows that "
+              f"need them are marked short in the table", flush=True)
+    return {"rounds": rounds, "max_ratio": max_ratio, "short_classes": short}
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """Run every stage the rows need (reusing checkpoints already in ``output_dir``) and write the results."""
-    out = Path(cfg.output_dir)
-    logs = out / "logs"
-    common = {"output_dir": out.as_posix(), **cfg.extra}
-    labeled = {"dataset_dir": cfg.dataset_dir, "test_dir": cfg.test_dir, "val_fraction": cfg.val_fraction,
-               "label_fraction": cfg.label_fraction, "label_per_class": cfg.label_per_class}
-    ensure_split(out / "split.json", cfg.dataset_dir, cfg.label_fraction, cfg.label_per_class, cfg.val_fraction,
-                 0, cfg.test_dir)
+    """Run every stage the rows need (reusing checkpoints already in the folder) and write the results."""
+    start = time.time()
+    main = Path(cfg.output_dir)
+    main.mkdir(parents=True, exist_ok=True)
+    if not (main / "split.json").is_file() or cfg.ablation is None:
+        ensure_split(main / "split.json", dataset_dir=cfg.dataset_dir, fraction=cfg.label_fraction,
+                     per_class=cfg.label_per_class, val_fraction=cfg.val_fraction, seed=0, test_dir=cfg.test_dir,
+                     groups_file=cfg.groups_file, test_per_class=cfg.test_per_class)
+    split = load_datalist(main / "split.json")
+    check_groups_disjoint(split)
+    out = _prepare_ablation(cfg, main) if cfg.ablation else main
+    stages = _Stages(cfg, out)
     (out / "experiment_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
+    classes = list(split["classes"])
+    real_counts = class_counts(split["training"], len(classes))
+    labeled = {"dataset_dir": cfg.dataset_dir, "test_dir": cfg.test_dir, "val_fraction": cfg.val_fraction,
+               "label_fraction": cfg.label_fraction, "label_per_class": cfg.label_per_class,
+               "split_file": (out / "split.json").as_posix()}
 
     # stage 1: pre-trained checkpoints (reused when present)
     if cfg.ablation == "no_pretrain":
-        _pretrain_on_training_split(cfg, out, logs, common)
+        _pretrain_on_training_split(out, stages)
     elif not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
-        if cfg.unlabeled_dir is None:
-            raise FileNotFoundError(f"no pre-trained checkpoints in {out}/pretrain_*/ and no unlabeled_dir to "
-                                    f"pre-train on: copy autoencoder.pt / diffusion.pt there or pass --unlabeled_dir")
+        unlabeled = _unlabeled_overrides(cfg, out)
         if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
-            run_stage("pretrain_autoencoder", logs, cfg.small, dataset_dir=cfg.unlabeled_dir,
-                      max_epochs=cfg.pretrain_ae_epochs, lr=cfg.lr, **common)
-        run_stage("pretrain_diffusion", logs, cfg.small, dataset_dir=cfg.unlabeled_dir,
-                  max_epochs=cfg.pretrain_diffusion_epochs, lr=cfg.lr, warmup_steps=10, **common)
+            stages("pretrain_autoencoder", **unlabeled)
+        stages("pretrain_diffusion", **unlabeled)
 
-    # stage 2: adaptation (reused when present)
-    stages = [("train_aux_classifier", "train_aux_classifier/aux_classifier.pt", cfg.aux_epochs),
-              ("finetune", "finetune/decoder_ft.pt", cfg.finetune_epochs),
-              ("train_latent_classifier", "train_latent_classifier/latent_classifier.pt", cfg.latent_epochs)]
-    for stage, artifact, epochs in stages:
+    # stage 2: adaptation (reused when present); the latent classifier must know the class at low noise
+    adaptation = [("train_aux_classifier", "train_aux_classifier/aux_classifier.pt"),
+                  ("finetune", "finetune/decoder_ft.pt"),
+                  ("train_latent_classifier", "train_latent_classifier/latent_classifier.pt")]
+    for stage, artifact in adaptation:
         if stage == "finetune" and cfg.ablation == "no_finetune":
             continue
         if not (out / artifact).is_file():
-            extra = {"val_interval": max(1, epochs // 5)} if stage == "train_latent_classifier" else {}
-            run_stage(stage, logs, cfg.small, max_epochs=epochs, lr=cfg.lr, **extra, **labeled, **common)
+            stages(stage, **labeled)
+    latent = check_latent_classifier(out / "train_latent_classifier", len(classes), cfg.min_latent_margin)
+    judge_ckpt = _judge_ckpt(cfg, main, stages)
+    if judge_ckpt is not None:
+        stages.firewall.add(judge_ckpt.as_posix())
 
-    # stage 3: one generated pool for the largest ratio, each row selects from it
+    # stage 3: one generated pool, topped up until the largest row can fill its quota
     rows = experiment_rows(cfg.ratios, cfg.random_ratio)
-    pool_ratio = max(r.ratio for r in rows)
+    generation = {"use_finetuned_decoder": cfg.ablation != "no_finetune", "num_inference_steps": cfg.generation_steps,
+                  "guidance_scale": cfg.guidance_scale, **labeled}
+    pool = _generate_pool(cfg, out, stages, rows, classes, real_counts, generation) if len(rows) > 1 else {}
     synthetic_dir = out / "generate"
-    run_stage("generate", logs, cfg.small, ratio=pool_ratio, num_inference_steps=cfg.generation_steps,
-              use_finetuned_decoder=cfg.ablation != "no_finetune", synthetic_dir=synthetic_dir.as_posix(), **common)
+    judged = {"pool": _judge(judge_ckpt, out, synthetic_dir, None, "pool")} if pool else {}
+    if cfg.sweep_scales and cfg.sweep_steps:
+        judged["sweep"] = guidance_sweep(cfg, out, stages, judge_ckpt, classes, generation)
 
-    # stage 4: downstream per row and seed, evaluated on the test split
+    # stage 4: per row, select; per row and seed, downstream training with the same step budget, then evaluation
+    batch = cfg.stage_overrides.get("train_downstream", {}).get("batch_size") or stage_hparam(
+        "train_downstream", "batch_size", cfg.small)
+    epochs = cfg.downstream_epochs or stage_hparam("train_downstream", "max_epochs", cfg.small)
+    steps = cfg.downstream_steps or epochs * math.ceil(sum(real_counts) / batch)
+    epochs = max(1, min(epochs, steps))
+    budget = {"max_epochs": epochs, "epoch_length": max(1, steps // epochs), "batch_size": batch}
     results: list[dict[str, Any]] = []
-    baseline_ckpt = out / "rows" / "baseline" / f"seed{cfg.seeds[0]}" / "classifier.pt"
+    selections: dict[str, dict[str, Any]] = {}
+    fd_ckpt = judge_ckpt or out / "rows" / "baseline" / f"seed{cfg.seeds[0]}" / "classifier.pt"
+    fd_name = "judge" if judge_ckpt else f"baseline-seed{cfg.seeds[0]}"
     for row in rows:
         row_dir = out / "rows" / _slug(row)
         datalist = (out / "split.json").as_posix()
         if row.mode is not None:
-            run_stage("select", logs, cfg.small, log_name=f"select_{_slug(row)}", mode=row.mode, ratio=row.ratio,
-                      synthetic_dir=synthetic_dir.as_posix(), selection_dir=(row_dir / "select").as_posix(),
-                      feature_extractor_ckpt=baseline_ckpt.as_posix() if baseline_ckpt.is_file() else None, **common)
-            datalist = (row_dir / "select" / "augmented_datalist.json").as_posix()
+            sel_dir = row_dir / "select"
+            stages("select", log_name=f"select_{_slug(row)}", mode=row.mode, ratio=row.ratio,
+                   synthetic_dir=synthetic_dir.as_posix(), selection_dir=sel_dir.as_posix(), balance=cfg.balance,
+                   min_confidence=cfg.min_confidence if row.mode == "selective" else None)
+            selections[row.name] = _selection_summary(sel_dir / "selection_report.json")
+            if row.mode == "selective" and judge_ckpt is not None:
+                selections[row.name]["judge"] = _judge(judge_ckpt, out, synthetic_dir, sel_dir / "decisions.csv",
+                                                       f"selection_{_slug(row)}")
+            datalist = (sel_dir / "augmented_datalist.json").as_posix()
         for seed in cfg.seeds:
             seed_dir = row_dir / f"seed{seed}"
-            run_stage("train_downstream", logs, cfg.small, log_name=f"train_downstream_{_slug(row)}_seed{seed}",
-                      datalist_file=datalist, stage_dir=seed_dir.as_posix(), seed=seed, lr=cfg.lr,
-                      max_epochs=cfg.downstream_epochs, batch_size=cfg.downstream_batch_size, **common)
-            run_stage("evaluate", logs, cfg.small, log_name=f"evaluate_{_slug(row)}_seed{seed}",
-                      downstream_ckpt=(seed_dir / "classifier.pt").as_posix(), eval_dir=(seed_dir / "evaluate").as_posix(),
-                      synthetic_datalist=None if row.mode is None else datalist,
-                      fd_extractor_ckpt=baseline_ckpt.as_posix(), fd_extractor_name=f"baseline-seed{cfg.seeds[0]}",
-                      seed=seed, **common)
+            stages("train_downstream", log_name=f"train_downstream_{_slug(row)}_seed{seed}", datalist_file=datalist,
+                   stage_dir=seed_dir.as_posix(), seed=seed, **budget)
+            stages("evaluate", log_name=f"evaluate_{_slug(row)}_seed{seed}",
+                   downstream_ckpt=(seed_dir / "classifier.pt").as_posix(),
+                   eval_dir=(seed_dir / "evaluate").as_posix(), synthetic_datalist=None if row.mode is None else datalist,
+                   fd_extractor_ckpt=fd_ckpt.as_posix(), fd_extractor_name=fd_name, seed=seed)
             metrics = json.loads((seed_dir / "evaluate" / "metrics.json").read_text())
-            fd = (metrics.get("frechet") or {}).get("overall")
+            ckpt_meta = _downstream_meta(seed_dir / "classifier.pt")
+            sel = selections.get(row.name)
             results.append({"row": row.name, "mode": row.mode or "baseline", "ratio": row.ratio, "seed": seed,
-                            "fd": fd, "fd_name": (metrics.get("frechet") or {}).get("metric_name"),
+                            "fd": (metrics.get("frechet") or {}).get("overall"),
+                            "fd_name": (metrics.get("frechet") or {}).get("metric_name"),
+                            "kept": sel["kept_total"] if sel else 0, "quota": sel["quota_total"] if sel else 0,
+                            "status": sel["status"] if sel else "full",
+                            "steps": ckpt_meta.get("iterations"), "init_digest": ckpt_meta.get("init_digest"),
                             **{k: metrics[k] for k in METRICS[1:]}})
-    write_results(results, out, ablation=cfg.ablation)
+    _check_equal_budget(results)
+    extra = {"latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool, "judge": judged,
+             "selections": selections, "budget": {**budget, "steps": budget["max_epochs"] * budget["epoch_length"]},
+             "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - start, 1),
+             "judge_test_accuracy": _judge_test_accuracy(main) if judge_ckpt else None}
+    (out / "experiment_report.json").write_text(json.dumps(extra, indent=1))
+    write_results(results, out, ablation=cfg.ablation, report=extra)
     return results
+
+
+def guidance_sweep(cfg: ExperimentConfig, out: Path, stages: _Stages, judge_ckpt: Path | None, classes: list[str],
+                   generation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Conditional accuracy (judged) of ``sweep_per_class`` tiles per class at each guidance scale and step count."""
+    if judge_ckpt is None:
+        raise ExperimentError("the guidance sweep needs the judge (judge=True)")
+    table = []
+    for steps in cfg.sweep_steps:
+        for g in cfg.sweep_scales:
+            sdir = out / "sweep" / f"g{g:g}_steps{steps}"
+            t0 = time.time()
+            stages("generate", log_name=f"sweep_g{g:g}_steps{steps}", synthetic_dir=sdir.as_posix(),
+                   counts=[cfg.sweep_per_class] * len(classes),
+                   **{**generation, "guidance_scale": g, "num_inference_steps": steps})
+            seconds = time.time() - t0
+            judged = _judge(judge_ckpt, out, sdir, None, f"sweep_g{g:g}_steps{steps}")
+            acc = judged["conditional_accuracy"]
+            table.append({"guidance_scale": g, "steps": steps, "seconds": round(seconds, 1),
+                          "conditional_accuracy": acc["accuracy"],
+                          "per_class": {c: v["accuracy"] for c, v in acc["per_class"].items()},
+                          "fd": judged["frechet"].get("overall"),
+                          "fd_per_class": {c: (v or {}).get("fd") for c, v in (judged["frechet"].get("per_class")
+                                                                                or {}).items()}})
+    return table
+
+
+def stage_hparam(stage: str, key: str, small: bool = True) -> Any:
+    """A stage's training setting (``lr``, ``batch_size``, ``max_epochs``) as the bundles define it: the paper's
+    (``bundles/common.json#hparams``) or, with ``small``, the CPU size's (``bundles/small.json#hparams``)."""
+    from monai_histodiff.pipeline import REPO_ROOT
+
+    name = "small" if small else "common"
+    hparams = json.loads((Path(REPO_ROOT) / "bundles" / f"{name}.json").read_text())["hparams"]
+    if stage not in hparams or key not in hparams[stage]:
+        raise KeyError(f"bundles/{name}.json#hparams has no '{stage}' -> '{key}'")
+    return hparams[stage][key]
+
+
+def _downstream_meta(ckpt: Path) -> dict[str, Any]:
+    from monai_histodiff.handlers.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(ckpt, stage="train_downstream")["meta"]
+    return {"iterations": meta.get("config", {}).get("iterations"), "init_digest": meta.get("init_digest")}
+
+
+def _check_equal_budget(results: Sequence[dict[str, Any]]) -> None:
+    """Every row of a seed trained for the same steps from the same initial weights (recorded in the checkpoints)."""
+    for seed in {r["seed"] for r in results}:
+        rs = [r for r in results if r["seed"] == seed]
+        for key in ("steps", "init_digest"):
+            values = {r[key] for r in rs}
+            if len(values) > 1:
+                raise ExperimentError(f"seed {seed}: rows differ in {key} ({sorted(map(str, values))}): "
+                                      f"the rows would not compare like with like")
+
+
+def _aux_accuracy(out: Path) -> float | None:
+    from monai_histodiff.handlers.checkpoint import load_checkpoint
+
+    path = out / "train_aux_classifier" / "aux_classifier.pt"
+    if not path.is_file():
+        return None
+    return (load_checkpoint(path)["meta"].get("best_metric") or {}).get("value")
+
+
+def _judge_test_accuracy(main: Path) -> float | None:
+    path = main / "judge" / "evaluate" / "metrics.json"
+    return json.loads(path.read_text()).get("accuracy") if path.is_file() else None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -179,7 +545,9 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for name in order:
         rs = [r for r in results if r["row"] == name]
-        entry: dict[str, Any] = {"row": name, "mode": rs[0]["mode"], "ratio": rs[0]["ratio"], "seeds": len(rs)}
+        entry: dict[str, Any] = {"row": name, "mode": rs[0]["mode"], "ratio": rs[0]["ratio"], "seeds": len(rs),
+                                 "kept": rs[0].get("kept", 0), "quota": rs[0].get("quota", 0),
+                                 "status": rs[0].get("status", "full")}
         for m in METRICS:
             vals = [r[m] for r in rs if r.get(m) is not None]
             entry[m] = _mean_std(vals) if vals else None
@@ -187,23 +555,50 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def write_results(results: Sequence[dict[str, Any]], output_dir: str | os.PathLike, ablation: str | None = None) -> dict:
-    """Write ``results.csv`` (one line per row and seed), ``results.md`` (mean +- std, the paper's columns) and
-    ``accuracy_vs_ratio.png``; return their paths."""
+def paired_differences(results: Sequence[dict[str, Any]], metric: str = "accuracy") -> dict[str, dict[str, Any]]:
+    """Per row, ``metric`` minus the baseline's on the same seed: per seed, mean and std of the differences."""
+    base = {r["seed"]: r[metric] for r in results if r["mode"] == "baseline"}
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r["mode"] == "baseline" or r["seed"] not in base:
+            continue
+        out.setdefault(r["row"], {"per_seed": {}})["per_seed"][r["seed"]] = r[metric] - base[r["seed"]]
+    for entry in out.values():
+        entry["mean"], entry["std"] = _mean_std(list(entry["per_seed"].values()))
+    return out
+
+
+def write_results(results: Sequence[dict[str, Any]], output_dir: str | os.PathLike, ablation: str | None = None,
+                  report: dict[str, Any] | None = None) -> dict:
+    """Write ``results.csv`` (one line per row and seed), ``results.md`` (mean +- std, the paper's columns, kept /
+    quota, paired difference to the baseline) and ``accuracy_vs_ratio.png``; return their paths."""
     out = Path(output_dir)
-    fields = ["row", "mode", "ratio", "seed", "fd_name", *METRICS]
+    fields = ["row", "mode", "ratio", "seed", "kept", "quota", "status", "steps", "fd_name", *METRICS]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
     summary = summarise(results)
+    diffs = paired_differences(results)
     fd_name = next((r["fd_name"] for r in results if r.get("fd_name")), "FD")
-    title = f"Table 1 protocol{f' (ablation: {ablation})' if ablation else ''}; mean +- std over seeds"
-    lines = [f"<!-- {title} -->", f"| | {fd_name} | Accuracy | F1 (macro) | Sensitivity (macro) | Specificity (macro) |",
-             "|---|---|---|---|---|---|"]
+    seeds = sorted({r["seed"] for r in results})
+    steps = next((r.get("steps") for r in results if r.get("steps")), None)
+    title = (f"Table 1 protocol{f' (ablation: {ablation})' if ablation else ''}; mean +- std over seeds {seeds}; "
+             f"every row's downstream classifier trained for the same {steps} optimizer steps from the same "
+             f"initialisation per seed; paired difference = row - baseline on the same seed")
+    lines = [f"<!-- {title} -->",
+             f"| | kept / quota | {fd_name} | Accuracy | F1 (macro) | Sensitivity (macro) | Specificity (macro) "
+             f"| Accuracy - baseline (paired) |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         cells = ["/" if s[m] is None else f"{s[m][0]:.3f} +- {s[m][1]:.3f}" for m in METRICS]
-        lines.append(f"| {s['row']} | " + " | ".join(cells) + " |")
+        kept = "/" if s["mode"] == "baseline" else f"{s['kept']} / {s['quota']}" + (
+            " **short**" if s["status"] == "short" else "")
+        d = diffs.get(s["row"])
+        diff = "/" if d is None else f"{d['mean']:+.3f} +- {d['std']:.3f}"
+        lines.append(f"| {s['row']} | {kept} | " + " | ".join(cells) + f" | {diff} |")
+    lines.append("")
+    lines.append(f"_{title}._")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(summary, out / "accuracy_vs_ratio.png")
     return {"csv": str(out / "results.csv"), "md": str(out / "results.md"), "png": str(out / "accuracy_vs_ratio.png")}

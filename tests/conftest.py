@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -81,3 +82,19 @@ def corrupt_dir(tmp_path) -> Path:
 
 # the pipeline fixtures (pre-trained and adapted small checkpoints) serve top-level tests such as test_experiment.py
 from tests.bundles.conftest import pretrained, toy_labeled_site, toy_unlabeled  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def lc25000_dir() -> Path:
+    """9,000 real LC25000 lung tiles in 3 class folders, with ``groups.csv`` (image,label,group) at the root."""
+    path = _real("lc25000_lung")
+    if not (path / "groups.csv").is_file():
+        pytest.skip(f"{path / 'groups.csv'} not found: the lung tiles come with their groups file")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lc25000_groups(lc25000_dir) -> list[dict[str, str]]:
+    """The rows of the lung tiles' ``groups.csv`` (image paths relative to the dataset root)."""
+    with open(lc25000_dir / "groups.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

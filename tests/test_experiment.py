@@ -6,8 +6,20 @@ import csv
 import json
 import shutil
 
-from monai_histodiff.data import load_datalist
-from monai_histodiff.experiment import ExperimentConfig, experiment_rows, run_experiment, summarise
+import pytest
+
+from monai_histodiff.data import load_datalist, write_datalist
+from monai_histodiff.experiment import (
+    ExperimentConfig,
+    ExperimentError,
+    _Stages,
+    experiment_rows,
+    paired_differences,
+    pool_counts,
+    run_experiment,
+    summarise,
+    write_results,
+)
 from tests.bundles.conftest import SMALL, run_bundle
 
 
@@ -24,22 +36,77 @@ def test_summary_mean_and_std():
     assert s["accuracy"][0] == 0.6 and abs(s["accuracy"][1] - 0.1414) < 1e-3 and s["fd"] is None
 
 
-def test_tiny_experiment_writes_all_outputs(toy_labeled_site, tmp_path):
+def test_pool_counts_top_up_short_classes_within_the_bound():
+    # class 0 already has enough selectable tiles; class 1 accepted 5 of 20 (25%), needs 5 more -> 20 + 1.2*5/0.25
+    assert pool_counts([10, 10], [20, 20], [12, 5], max_pool_factor=6.0) == [20, 44]
+    assert pool_counts([10, 10], [20, 60], [12, 0], max_pool_factor=6.0) == [20, 60]  # capped at 6 x quota
+    assert pool_counts([10, 10], [20, 20], [10, 10], max_pool_factor=6.0) == [20, 20]  # nothing to do: stop
+
+
+def test_paired_differences_per_seed():
+    rows = [{"row": "b", "mode": "baseline", "seed": s, "accuracy": a} for s, a in ((0, 0.5), (1, 0.7))]
+    rows += [{"row": "x", "mode": "selective", "seed": s, "accuracy": a} for s, a in ((0, 0.6), (1, 0.7))]
+    d = paired_differences(rows)["x"]
+    assert d["per_seed"] == {0: pytest.approx(0.1), 1: pytest.approx(0.0)} and d["mean"] == pytest.approx(0.05)
+
+
+def test_short_rows_are_marked_in_the_table(tmp_path):
+    rows = [{"row": "Baseline (real only)", "mode": "baseline", "ratio": 0.0, "seed": 0, "fd": None, "kept": 0,
+             "quota": 0, "status": "full", "steps": 6, "accuracy": 0.5, "macro_f1": 0.5, "macro_sensitivity": 0.5,
+             "macro_specificity": 0.5},
+            {"row": "+ selective 300%", "mode": "selective", "ratio": 3.0, "seed": 0, "fd": 1.0, "kept": 12,
+             "quota": 30, "status": "short", "steps": 6, "accuracy": 0.4, "macro_f1": 0.4, "macro_sensitivity": 0.4,
+             "macro_specificity": 0.4}]
+    write_results(rows, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| + selective 300% | 12 / 30 **short** |" in md and "-0.100 +- 0.000" in md and "same 6 optimizer" in md
+
+
+def test_a_split_with_a_group_on_two_sides_stops_the_run(tmp_path):
+    split = {"classes": ["a", "b"], "training": [{"image": "x.png", "label": 0, "group": "g1"}],
+             "validation": [], "test": [{"image": "y.png", "label": 0, "group": "g1"}]}
+    write_datalist(split, tmp_path / "split.json")
+    with pytest.raises(ValueError, match="g1"):
+        run_experiment(ExperimentConfig(output_dir=str(tmp_path), seeds=(0,)))
+
+
+def test_the_judge_is_fire_walled_from_every_stage_but_evaluate(tmp_path):
+    stages = _Stages(ExperimentConfig(output_dir=str(tmp_path)), tmp_path)
+    stages.firewall.add("/runs/judge/classifier.pt")
+    with pytest.raises(ExperimentError, match="never selects or trains"):
+        stages("select", feature_extractor_ckpt="/runs/judge/classifier.pt")
+
+
+def test_protocol_on_a_tiny_run(toy_labeled_site, tmp_path):
+    """The CI version of the Table 1 protocol: one seed, baseline + one selective row, a few hundred tiles."""
     run_dir = tmp_path / "exp"
     shutil.copytree(toy_labeled_site, run_dir, ignore=shutil.ignore_patterns("generate", "select*", "rows"))
+    # the protocol is checked here; whether the latent classifier learns is tests/bundles/test_latent_classifier_real
     cfg = ExperimentConfig(output_dir=str(run_dir), dataset_dir=str(run_dir / "labeled"), seeds=(0,), ratios=(0.5,),
-                           random_ratio=None, downstream_epochs=2, generation_steps=5, lr=1e-3)
+                           random_ratio=None, downstream_steps=6, downstream_epochs=2, generation_steps=5,
+                           judge_epochs=1, judge_steps=4, min_latent_margin=-1.0, max_pool_factor=3.0)
     results = run_experiment(cfg)
     assert [r["row"] for r in results] == ["Baseline (real only)", "+ selective 50%"]
-    with open(run_dir / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+    report = json.loads((run_dir / "experiment_report.json").read_text())
+    # quotas: every round of the pool is recorded; a row short of its quota is marked, never silently smaller
+    sel = report["selections"]["+ selective 50%"]
+    assert results[1]["kept"] == sel["kept_total"] and results[1]["quota"] == sel["quota_total"] > 0
+    assert (sel["status"] == "full") == (sel["kept_total"] == sel["quota_total"])
     md = (run_dir / "results.md").read_text()
-    assert "| Baseline (real only) | / |" in md and "+ selective 50%" in md and "Accuracy" in md
-    assert (run_dir / "accuracy_vs_ratio.png").stat().st_size > 0
+    assert f"{sel['kept_total']} / {sel['quota_total']}" in md and ("**short**" in md) == (sel["status"] == "short")
+    assert report["pool"]["rounds"] and all(r["counts"] for r in report["pool"]["rounds"])
+    # equal step budget from the same initial weights
+    assert {r["steps"] for r in results} == {6} and len({r["init_digest"] for r in results}) == 1
+    # the judge: trained outside the test groups, evaluated on test, never given to a stage that selects or trains
+    assert report["judge_test_accuracy"] is not None and report["judge"]["pool"]["conditional_accuracy"]["count"]
+    judge_ckpt = str(run_dir / "judge" / "classifier.pt")
+    commands = [json.loads(line) for line in (run_dir / "commands.jsonl").read_text().splitlines()]
+    assert all(judge_ckpt not in json.dumps(c["overrides"]) for c in commands if c["stage"] != "evaluate")
+    assert any(judge_ckpt in json.dumps(c["overrides"]) for c in commands if c["stage"] == "evaluate")
     metrics = json.loads((run_dir / "rows" / "selective_50" / "seed0" / "evaluate" / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["evaluated_on"]["part"] == "test"
-    # FD is named after the extractor, the baseline classifier trained on real tiles (not Inception, so not 'FID')
-    assert metrics["frechet"]["metric_name"].startswith("FD (") and not metrics["frechet"]["is_fid"]
+    assert metrics["frechet"]["metric_name"] == "FD (judge)" and not metrics["frechet"]["is_fid"]
+    assert (run_dir / "accuracy_vs_ratio.png").stat().st_size > 0
 
 
 def test_downstream_training_never_reads_the_test_set(toy_labeled_site, tmp_path):

@@ -71,9 +71,11 @@ def _background(spec: ToyClass, size: int, rng: np.random.Generator) -> np.ndarr
     return img
 
 
-def render_toy_tile(spec: ToyClass, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one ``[size, size, 3]`` uint8 toy tile of class ``spec``."""
-    img = _background(spec, size, rng)
+def render_toy_tile(spec: ToyClass, size: int, rng: np.random.Generator,
+                    background: ToyClass | None = None) -> np.ndarray:
+    """Render one ``[size, size, 3]`` uint8 toy tile of class ``spec`` (its nuclei), on the background (colour and
+    texture) of ``background`` (default: its own)."""
+    img = _background(background or spec, size, rng)
     scale = size / 64.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     mask = np.zeros((size, size))
@@ -98,15 +100,24 @@ def make_toy_dataset(
     image_size: int = 64,
     num_classes: int = 4,
     seed: int = 0,
+    confusion: float = 0.0,
 ) -> dict:
     """Write a class-folder tree ``output_dir/<CLASS>/<CLASS>_<i>.png`` of toy tiles and a README saying what they are.
 
     The same arguments always give byte-identical files; an existing complete tree is left as it is.
+
+    Args:
+        confusion: share of tiles drawn on the background of a random class (their own class shows only in their
+            nuclei), so that a classifier trained on a few tiles is not already perfect; 0 keeps every class apart.
     """
+    if not 0.0 <= confusion <= 1.0:
+        raise ValueError(f"confusion must be in [0, 1], got {confusion}")
     if not 1 <= num_classes <= len(TOY_CLASSES):
         raise ValueError(f"num_classes must be in [1, {len(TOY_CLASSES)}], got {num_classes}")
     out = Path(output_dir)
     info = {"num_per_class": num_per_class, "image_size": image_size, "num_classes": num_classes, "seed": seed}
+    if confusion:
+        info["confusion"] = confusion
     stamp = out / "toy_dataset.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == info:
         return info
@@ -115,7 +126,10 @@ def make_toy_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(num_per_class):
             rng = np.random.default_rng([seed, c, i])  # per-tile stream: tile i is the same whatever the count
-            Image.fromarray(render_toy_tile(spec, image_size, rng)).save(folder / f"{spec.name}_{i:04d}.png")
+            background = None
+            if confusion and rng.random() < confusion:
+                background = TOY_CLASSES[int(rng.integers(num_classes))]
+            Image.fromarray(render_toy_tile(spec, image_size, rng, background)).save(folder / f"{spec.name}_{i:04d}.png")
     (out / "README.txt").write_text(TOY_NOTICE + "\n", encoding="utf-8")
     stamp.write_text(json.dumps(info), encoding="utf-8")
     return info

@@ -22,6 +22,8 @@ of ``AutoencoderKL.encode_stage_2_inputs``.
 
 from __future__ import annotations
 
+import logging
+
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -46,6 +48,8 @@ __all__ = [
     "CachedLatentDataset",
     "get_or_create_latent_cache",
 ]
+
+logger = logging.getLogger(__name__)
 
 LATENT_MU_KEY = "latent_mu"
 LATENT_SIGMA_KEY = "latent_sigma"
@@ -192,6 +196,25 @@ class LatentCache:
     def latent_shape(self) -> tuple[int, ...]:
         """Shape ``(C, h, w)`` of one latent."""
         return tuple(self.mu.shape[1:])
+
+    def posterior_signal_to_noise(self) -> float:
+        """Spread of the posterior means across tiles over the mean posterior standard deviation.
+
+        A latent ``z ~ q(z|x)`` is ``mu + sigma * eps``: when this ratio is near or below 1 the sampled latents are
+        mostly posterior noise (an autoencoder whose KL term was too strong), and neither a latent classifier nor a
+        diffusion model trained on them can learn what tells the tiles apart.
+        """
+        return float(self.mu.std() / self.sigma.mean().clamp_min(1e-12))
+
+    def warn_if_noisy(self, name: str, threshold: float = 2.0) -> float:
+        """Log a warning naming ``name`` when :meth:`posterior_signal_to_noise` is below ``threshold``; return it."""
+        snr = self.posterior_signal_to_noise()
+        if snr < threshold:
+            logger.warning(
+                "%s: the autoencoder's posteriors are mostly noise (std of the means %.3f vs mean sigma %.3f, ratio "
+                "%.2f < %.1f): latents sampled from them hardly depend on the tile. Check the autoencoder's KL weight "
+                "and training length.", name, float(self.mu.std()), float(self.sigma.mean()), snr, threshold)
+        return snr
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the cache to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""

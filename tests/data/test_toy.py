@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from monai_histodiff.data.datalist import list_images, scan_class_folders
@@ -32,3 +33,22 @@ def test_toy_classes_differ_in_colour(tmp_path):
     # nearest-centroid on mean colour separates the classes: they carry real class structure
     pred = np.argmin(((means[:, :, None, :] - centroid[None, None]) ** 2).sum(-1), -1)
     assert (pred == np.arange(4)[:, None]).mean() > 0.9
+
+
+def _nearest_colour_centroid_accuracy(root) -> float:
+    items, _ = scan_class_folders(root)
+    means = np.array([[np.asarray(Image.open(it["image"]), float).mean((0, 1)) for it in items if it["label"] == c]
+                      for c in range(4)])
+    pred = np.argmin(((means[:, :, None, :] - means.mean(1)[None, None]) ** 2).sum(-1), -1)
+    return float((pred == np.arange(4)[:, None]).mean())
+
+
+def test_confusion_draws_tiles_on_other_classes_backgrounds(tmp_path):
+    make_toy_dataset(tmp_path / "plain", num_per_class=12, image_size=32, num_classes=4, seed=0)
+    make_toy_dataset(tmp_path / "mixed", num_per_class=12, image_size=32, num_classes=4, seed=0, confusion=0.6)
+    make_toy_dataset(tmp_path / "again", num_per_class=12, image_size=32, num_classes=4, seed=0, confusion=0.6)
+    assert _digest(tmp_path / "mixed") == _digest(tmp_path / "again") != _digest(tmp_path / "plain")
+    # the mean colour no longer gives the class away: the demo's baseline has something left to learn
+    assert _nearest_colour_centroid_accuracy(tmp_path / "mixed") < _nearest_colour_centroid_accuracy(tmp_path / "plain")
+    with pytest.raises(ValueError, match="confusion"):
+        make_toy_dataset(tmp_path / "bad", num_per_class=1, confusion=1.5)
