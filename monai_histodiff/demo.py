@@ -22,6 +22,8 @@ DEMO_CLASSES = 4
 #: share of toy tiles drawn on another class's background, so that the baseline is not already perfect
 DEMO_CONFUSION = 0.6
 DEMO_LABELED_PER_CLASS = 12
+#: real data: test tiles per class (the rest of the labeled set is the judge's pool)
+DEMO_TEST_PER_CLASS = 500
 
 
 def prepare_demo_data(
@@ -45,8 +47,9 @@ def prepare_demo_data(
     else:
         print(f"[data] labeled data: {dataset_dir}")
     datalists = out / "runs"  # the run folder every stage reads: split.json, classes.json, unlabeled.json
-    split = prepare_labeled_split(dataset_dir, datalists / "split.json", per_class=DEMO_LABELED_PER_CLASS if toy else None,
-                                  fraction=None if toy else 0.05, val_fraction=0.25, seed=0)
+    split = prepare_labeled_split(dataset_dir, datalists / "split.json",
+                                  per_class=DEMO_LABELED_PER_CLASS if toy else None, fraction=None if toy else 0.05,
+                                  val_fraction=0.25, seed=0, test_per_class=None if toy else DEMO_TEST_PER_CLASS)
     print(f"[split] wrote {datalists / 'split.json'} and {datalists / 'classes.json'}: classes {split['classes']}")
     for part in ("training", "validation", "test"):
         print(f"[split]   {part:10s} {len(split[part]):5d} tiles, per class {split['counts'][part]}")
@@ -83,9 +86,10 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset_dir: str | N
         run_stage("pretrain_diffusion", logs, datalist=datalist, max_epochs=100, batch_size=16, lr=2e-3,
                   warmup_steps=20, sample_interval=25, grid_inference_steps=25, **common)
     cfg = ExperimentConfig(output_dir=runs.as_posix(), dataset_dir=paths["dataset_dir"], small=True,
-                           label_per_class=DEMO_LABELED_PER_CLASS if toy else None, label_fraction=None if toy else 0.05,
+                           label_per_class=DEMO_LABELED_PER_CLASS if toy else None,
+                           label_fraction=None if toy else 0.05, test_per_class=None if toy else DEMO_TEST_PER_CLASS,
                            val_fraction=0.25, seeds=(0,), ratios=(0.5, 1.0, 2.0, 3.0), random_ratio=0.5,
-                           generation_steps=50, judge=False)
+                           generation_steps=50, judge=not toy)
     run_experiment(cfg)
     minutes = (time.time() - start) / 60
     print("\n" + "=" * 100)

@@ -440,7 +440,8 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                    stage_dir=seed_dir.as_posix(), seed=seed, **budget)
             stages("evaluate", log_name=f"evaluate_{_slug(row)}_seed{seed}",
                    downstream_ckpt=(seed_dir / "classifier.pt").as_posix(),
-                   eval_dir=(seed_dir / "evaluate").as_posix(), synthetic_datalist=None if row.mode is None else datalist,
+                   eval_dir=(seed_dir / "evaluate").as_posix(),
+                   synthetic_datalist=None if row.mode is None else datalist,
                    fd_extractor_ckpt=fd_ckpt.as_posix(), fd_extractor_name=fd_name, seed=seed)
             metrics = json.loads((seed_dir / "evaluate" / "metrics.json").read_text())
             ckpt_meta = _downstream_meta(seed_dir / "classifier.pt")

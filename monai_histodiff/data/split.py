@@ -143,7 +143,8 @@ def make_split(
     k = len(classes)
     subset, remainder = stratified_sample(items, k, fraction=fraction, per_class=per_class, seed=seed)
     validation, training = (
-        stratified_sample(subset, k, fraction=val_fraction, seed=seed + 1, min_per_class=0) if val_fraction > 0 else ([], subset)
+        stratified_sample(subset, k, fraction=val_fraction, seed=seed + 1, min_per_class=0) if val_fraction > 0
+        else ([], subset)
     )
     # never leave a class without training examples: give back a validation group where that happened
     for c in range(k):

@@ -129,7 +129,8 @@ def make_toy_dataset(
             background = None
             if confusion and rng.random() < confusion:
                 background = TOY_CLASSES[int(rng.integers(num_classes))]
-            Image.fromarray(render_toy_tile(spec, image_size, rng, background)).save(folder / f"{spec.name}_{i:04d}.png")
+            tile = render_toy_tile(spec, image_size, rng, background)
+            Image.fromarray(tile).save(folder / f"{spec.name}_{i:04d}.png")
     (out / "README.txt").write_text(TOY_NOTICE + "\n", encoding="utf-8")
     stamp.write_text(json.dumps(info), encoding="utf-8")
     return info

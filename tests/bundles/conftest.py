@@ -58,6 +58,19 @@ def pretrained(tmp_path_factory, toy_unlabeled) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_real(tmp_path_factory, unlabeled_dir) -> Path:
+    """An autoencoder briefly pre-trained on the real unlabeled H&E tiles (and a diffusion checkpoint on it, for the
+    scale factor and noise schedule the adaptation stages read): latents that carry tissue structure."""
+    out = tmp_path_factory.mktemp("pretrained_real")
+    run_bundle(["bundles/pretrain_autoencoder.json", *SMALL], dataset_dir=str(unlabeled_dir), output_dir=str(out),
+               max_epochs=1, epoch_length=60, batch_size=8, **FAST)
+    run_bundle(["bundles/pretrain_diffusion.json", *SMALL], dataset_dir=str(unlabeled_dir), output_dir=str(out),
+               max_epochs=1, epoch_length=2, batch_size=4, warmup_steps=2, scale_factor_batches=3,
+               grid_inference_steps=2, num_grid_samples=2, **FAST)
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_labeled_site(tmp_path_factory, pretrained) -> Path:
     """A site folder adapted to toy labeled tiles: split, auxiliary classifier, fine-tuned decoder, latent classifier."""
     import shutil

@@ -20,10 +20,10 @@ CLASSES = ("lung_aca", "lung_n")
 
 @pytest.fixture(scope="module")
 def lung_two_class_csv(lc25000_groups, lc25000_dir, tmp_path_factory):
-    """A CSV datalist (image,label,group) of the first 45 groups of two lung classes."""
+    """A CSV datalist (image,label,group) of the first 64 groups of two lung classes."""
     rows, per_class = [], {c: set() for c in CLASSES}
     for r in sorted(lc25000_groups, key=lambda r: r["group"]):
-        if r["label"] in CLASSES and (r["group"] in per_class[r["label"]] or len(per_class[r["label"]]) < 45):
+        if r["label"] in CLASSES and (r["group"] in per_class[r["label"]] or len(per_class[r["label"]]) < 64):
             per_class[r["label"]].add(r["group"])
             rows.append({"image": str(lc25000_dir / r["image"]), "label": r["label"], "group": r["group"]})
     path = tmp_path_factory.mktemp("lung2") / "lung_two_class.csv"
@@ -34,21 +34,22 @@ def lung_two_class_csv(lc25000_groups, lc25000_dir, tmp_path_factory):
     return path
 
 
-def test_latent_classifier_learns_on_real_tiles(pretrained, lung_two_class_csv, tmp_path):
+def test_latent_classifier_learns_on_real_tiles(pretrained_real, lung_two_class_csv, tmp_path):
     import shutil
 
     site = tmp_path / "site"
     for stage, name in (("pretrain_autoencoder", "autoencoder.pt"), ("pretrain_diffusion", "diffusion.pt")):
         (site / stage).mkdir(parents=True)
-        shutil.copy(pretrained / stage / name, site / stage / name)
+        shutil.copy(pretrained_real / stage / name, site / stage / name)
     run_bundle(["bundles/train_latent_classifier.json", *SMALL], dataset_dir=str(lung_two_class_csv),
-               output_dir=str(site), label_per_class=36, val_fraction=0.25, max_epochs=40, val_interval=40,
-               batch_size=32, **FAST)
+               output_dir=str(site), label_per_class=40, val_fraction=0.4, max_epochs=20, val_interval=20,
+               **FAST)
     split = json.loads((site / "split.json").read_text())
     train_groups = {it["group"] for it in split["training"]}
     assert train_groups and not train_groups & {it["group"] for it in split["validation"] + split["test"]}
-    report = check_latent_classifier(site / "train_latent_classifier", num_classes=2, margin=0.15)
-    assert report["lowest_bucket_accuracy"] >= 0.65, report["buckets"]
+    # 400 steps (small.json: 20 per epoch) of 48 training tiles; about 0.7 is expected at t < 100, chance is 0.5
+    report = check_latent_classifier(site / "train_latent_classifier", num_classes=2, margin=0.12)
+    assert report["lowest_bucket_accuracy"] >= 0.62, report["buckets"]
 
 
 def test_runner_refuses_a_latent_classifier_at_chance(tmp_path):
