@@ -49,6 +49,7 @@ __all__ = [
     "summarise",
     "paired_differences",
     "write_results",
+    "write_side_by_side",
 ]
 
 METRICS = ("fd", "accuracy", "macro_f1", "macro_sensitivity", "macro_specificity")
@@ -460,7 +461,18 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
              "judge_test_accuracy": _judge_test_accuracy(main) if judge_ckpt else None}
     (out / "experiment_report.json").write_text(json.dumps(extra, indent=1))
     write_results(results, out, ablation=cfg.ablation, report=extra)
+    if pool:
+        largest = max((r for r in rows if r.mode == "selective"), key=lambda r: r.ratio, default=None)
+        kept = out / "rows" / _slug(largest) / "select" / "augmented_datalist.json" if largest else None
+        write_side_by_side(out / "split.json", synthetic_dir, out / "real_vs_synthetic.png",
+                           _image_size(out), kept_datalist=kept)
     return results
+
+
+def _image_size(out: Path) -> int:
+    from monai_histodiff.handlers.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(out / "pretrain_autoencoder" / "autoencoder.pt")["meta"]["config"]["image_size"])
 
 
 def guidance_sweep(cfg: ExperimentConfig, out: Path, stages: _Stages, judge_ckpt: Path | None, classes: list[str],
@@ -629,3 +641,32 @@ def _plot(summary: Sequence[dict[str, Any]], path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.PathLike, path: str | os.PathLike,
+                       image_size: int, kept_datalist: str | os.PathLike | None = None, per_row: int = 8) -> Path:
+    """PNG of real and synthetic tiles per class: for each class a row of real training tiles, a row of generated
+    tiles requested for that class and, with ``kept_datalist``, a row of the tiles selection kept."""
+    import torch
+
+    from monai_histodiff.data.transforms import tile_transforms
+    from monai_histodiff.handlers.image_grid import make_grid, save_grid
+    from monai_histodiff.handlers.selection import read_generation_manifest
+
+    split = load_datalist(split_file)
+    classes = list(split["classes"])
+    generated = read_generation_manifest(Path(synthetic_dir) / "manifest.jsonl", classes)
+    kept = [it for it in load_datalist(kept_datalist)["training"] if it.get("synthetic")] if kept_datalist else []
+    load = tile_transforms(image_size)
+
+    def tiles(items: Sequence[dict]) -> torch.Tensor:
+        return torch.stack([load(dict(it))["image"] for it in items[:per_row]]) if items else torch.zeros(
+            1, 3, image_size, image_size)
+
+    rows = []
+    for c in range(len(classes)):
+        rows.append(tiles([it for it in split["training"] if int(it["label"]) == c]))
+        rows.append(tiles([it for it in generated if int(it["label"]) == c]))
+        if kept_datalist:
+            rows.append(tiles([it for it in kept if int(it["label"]) == c]))
+    return save_grid(make_grid(rows, max_items=per_row), path)

@@ -125,3 +125,21 @@ def test_downstream_training_never_reads_the_test_set(toy_labeled_site, tmp_path
     run_bundle(["bundles/evaluate.json", *SMALL], output_dir=str(site))
     metrics = json.loads((site / "evaluate" / "metrics.json").read_text())
     assert metrics["evaluated_on"]["count"] == len(test_files) and (site / "evaluate" / "confusion_matrix.png").is_file()
+
+
+def test_side_by_side_picture_has_a_real_and_a_generated_row_per_class(toy_dir, tmp_path):
+    from PIL import Image
+
+    from monai_histodiff.data import scan_class_folders
+    from monai_histodiff.experiment import write_side_by_side
+
+    items, classes = scan_class_folders(toy_dir)
+    write_datalist({"classes": classes, "training": items, "validation": [], "test": []}, tmp_path / "split.json")
+    gen = tmp_path / "generate"
+    gen.mkdir()
+    with open(gen / "manifest.jsonl", "w") as f:
+        for it in items[::2]:
+            f.write(json.dumps({"file": it["image"], "class_index": it["label"]}) + "\n")
+    path = write_side_by_side(tmp_path / "split.json", gen, tmp_path / "real_vs_synthetic.png", 32, per_row=4)
+    h, w = Image.open(path).size[1], Image.open(path).size[0]
+    assert h == 2 * len(classes) * (32 + 2) + 2 and w == 4 * (32 + 2) + 2
