@@ -127,8 +127,8 @@ def test_truncated_cache_is_named_and_rebuilt(tmp_path, toy_loader):
     path = tmp_path / "latents.pt"
     first = get_or_create_latent_cache(path, ae, loader, autoencoder_sha256="a" * 64, image_size=32)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(CorruptFileError, match=rf"{re.escape(str(path))} \(read by LatentCache\.load \(latent cache\)\) "
-                                               r"is truncated or corrupt .*delete it: .*encodes the tiles again"):
+    expected = rf"{re.escape(str(path))} \(read by LatentCache\.load \(latent cache\)\) is truncated or corrupt .*delete it"
+    with pytest.raises(CorruptFileError, match=expected + ": .*encodes the tiles again"):
         LatentCache.load(path, expected_autoencoder_sha256="a" * 64)
     with pytest.warns(UserWarning, match=rf"rebuilding the latent cache: {re.escape(str(path))}.*truncated"):
         rebuilt = get_or_create_latent_cache(path, ae, loader, autoencoder_sha256="a" * 64, image_size=32)
