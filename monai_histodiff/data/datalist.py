@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_histodiff.data.validation import CorruptFileError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "list_images",
@@ -152,16 +154,28 @@ def read_labeled_list(
 
 
 def load_datalist(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a datalist JSON written by :func:`write_datalist`, turning relative image paths into absolute ones."""
+    """Load a datalist JSON written by :func:`write_datalist`, turning relative image paths into absolute ones.
+
+    Raises:
+        FileNotFoundError: naming the file.
+        CorruptFileError: naming the file and what to do, when it is truncated, not JSON, or not a datalist (a
+            ``ValueError``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist not found: {path}")
+    remedy = ("delete it and rerun the stage that writes it (a split file is drawn again, the same, by any labeled "
+              "stage run with the same dataset_dir, seed and split settings)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(path, "load_datalist", remedy, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(path, "load_datalist", remedy, f"a datalist is a JSON object, got {type(data).__name__}")
     for split in ("training", "validation", "test", "pool", "unlabeled"):
-        for item in data.get(split, []):
+        for i, item in enumerate(data.get(split, [])):
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+                raise CorruptFileError(path, "load_datalist", remedy, f"{split}[{i}] has no 'image' path")
             if not os.path.isabs(item["image"]):
                 item["image"] = _join(path.parent, item["image"])
     return data

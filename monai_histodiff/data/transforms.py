@@ -1,9 +1,10 @@
 """MONAI dictionary transforms for RGB histology tiles.
 
 Every stage reads tiles through :func:`tile_transforms`: load (PIL by default, ITK when the ``itk`` extra is
-installed), channel first, any mode (RGBA, grayscale, palette, 16-bit) turned into 3-channel RGB, resized to
-``image_size``, intensity mapped from [0, 255] to [-1, 1] (the range the autoencoder is trained on), and, for
-training, flips and 90-degree rotations (H&E tiles have no preferred orientation).
+installed), channel first, any mode (RGBA, grayscale, palette, CMYK, 16-bit) turned into 3-channel RGB and an
+EXIF-rotated JPEG turned upright, resized to ``image_size``, intensity mapped from [0, 255] to [-1, 1] (the range the
+autoencoder is trained on), and, for training, flips and 90-degree rotations (H&E tiles have no preferred
+orientation).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 from monai.utils import optional_import
-from PIL import Image
+from PIL import Image, ImageOps
 
 __all__ = ["pil_to_rgb", "ToRGBd", "tile_transforms", "tile_reader", "to_uint8_image"]
 
@@ -34,7 +35,9 @@ _, HAS_ITK = optional_import("itk")
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB: 16-bit scaled to 8-bit, transparency composited on white."""
+    """Convert any PIL image to 8-bit RGB, upright: an EXIF orientation (a phone or scanner JPEG) applied, 16-bit
+    scaled to 8-bit, transparency composited on white, CMYK / palette / grey converted."""
+    image = ImageOps.exif_transpose(image)  # the image itself when it has no orientation tag
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0

@@ -38,6 +38,8 @@ from monai.utils import optional_import
 from PIL import Image
 
 from monai_histodiff.data.transforms import to_uint8_image
+from monai_histodiff.data.validation import no_space_error
+from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
 from monai_histodiff.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler, respace_scheduler
 from monai_histodiff.selection.rules import quotas_from_ratio
@@ -237,6 +239,13 @@ class GuidedTileGenerator:
     truncated by a kill); PNGs without a row are regenerated and overwritten, rows without a PNG are dropped and
     their tiles regenerated. Rows are appended only after the batch's PNGs are complete, and flushed and fsynced
     per batch, so rerunning after a kill completes exactly the missing tiles.
+
+    One writer. :meth:`run` holds a lock file in ``output_dir`` naming its pid (``.lock`` for rank 0,
+    ``.lock.rank<r>`` for rank ``r``, see :class:`~monai_histodiff.engines.locking.OutputLock`): a second run on the
+    same folder refuses, naming the holder; a lock left by a killed run is taken over with a warning.
+
+    Full disk. A tile or manifest write that runs out of space raises ``OSError(ENOSPC)`` naming the file; the
+    partial tile is removed, finished tiles and their rows are intact, and a rerun completes the rest.
 
     Args:
         inferer: the guided inferer (holds ``scale_factor``).
@@ -443,13 +452,30 @@ class GuidedTileGenerator:
         return images.float().cpu(), torch.cat(probs).cpu()
 
     def _write_tile(self, image: torch.Tensor, path: str) -> None:
+        """Write one PNG whole (temporary file, then rename); a failed write leaves no partial file, and a full disk
+        raises ``OSError(ENOSPC)`` naming the tile."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-        with open(tmp, "wb") as f:
-            Image.fromarray(to_uint8_image(image)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                Image.fromarray(to_uint8_image(image)).save(f, format="PNG")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            full = no_space_error(path, e)
+            if full is None:
+                raise
+            raise full from e
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @property
+    def lock_name(self) -> str:
+        """This rank's lock file in ``output_dir``: ``.lock`` for rank 0, ``.lock.rank<r>`` for the others (the
+        ranks of one run share the folder; two runs of the same rank may not)."""
+        return LOCK_NAME if self.rank == 0 else f"{LOCK_NAME}.rank{self.rank}"
 
     def run(self) -> dict[str, Any]:
         """
@@ -461,7 +487,15 @@ class GuidedTileGenerator:
             a summary: ``rank``, ``world_size``, ``assigned`` (this rank's tiles), ``generated``,
             ``skipped_existing``, ``per_class`` (generated per class name), ``per_class_skipped``, ``manifest`` (this
             rank's manifest path) and ``seconds``.
+
+        Raises:
+            OutputLockedError: another live process is generating this rank's share into ``output_dir`` (its pid is
+                named); see :class:`~monai_histodiff.engines.locking.OutputLock`.
         """
+        with OutputLock(self.output_dir, self.lock_name, owner=f"generate (rank {self.rank})"):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         start = time.perf_counter()
         done = self._scan_done()
         shard = self.shard()
@@ -500,9 +534,15 @@ class GuidedTileGenerator:
                                 "confidence": float(conf),
                             }
                         )
-                    manifest.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-                    manifest.flush()
-                    os.fsync(manifest.fileno())
+                    try:  # a line cut here (kill, full disk) is dropped and its tile redone on the next run
+                        manifest.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+                        manifest.flush()
+                        os.fsync(manifest.fileno())
+                    except OSError as e:
+                        full = no_space_error(self.manifest_path, e)
+                        if full is None:
+                            raise
+                        raise full from e
                     generated += len(pairs)
                     for c, _ in pairs:
                         per_class[self.class_names[c]] += 1

@@ -35,6 +35,7 @@ import torch.nn as nn
 from monai.utils import optional_import
 from torch.utils.data import Dataset
 
+from monai_histodiff.data.validation import CorruptFileError
 from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, safe_torch_load
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 LATENT_MU_KEY = "latent_mu"
 LATENT_SIGMA_KEY = "latent_sigma"
 _FORMAT_VERSION = 1
+_CACHE_REMEDY = "delete it: the stage that reads it encodes the tiles again and rewrites it"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -250,11 +252,14 @@ class LatentCache:
 
         Raises:
             UnsafeCheckpointError: the file would need full unpickling to load (read with ``weights_only=True``).
+            CorruptFileError: the file is truncated or corrupt (a ``ValueError``: :func:`get_or_create_latent_cache`
+                rebuilds such a cache with a warning).
         """
         path = Path(path)
-        state = safe_torch_load(path, "LatentCache.load (latent cache)")
+        reader, remedy = "LatentCache.load (latent cache)", _CACHE_REMEDY
+        state = safe_torch_load(path, reader, remedy=remedy)
         if not isinstance(state, dict) or "mu" not in state or "sigma" not in state:
-            raise ValueError(f"{path} is not a latent cache (no 'mu' / 'sigma' entries)")
+            raise CorruptFileError(path, reader, remedy, "not a latent cache: no 'mu' / 'sigma' entries")
         stored = state.get("autoencoder_sha256")
         if expected_autoencoder_sha256 is not None and stored != expected_autoencoder_sha256:
             raise ValueError(

@@ -9,7 +9,9 @@ wrong autoencoder.
 Checkpoints travel between sites, so they are data, never code: files are written with tensors and plain values only
 (:func:`to_plain`, checked after each write) and read with ``torch.load(..., weights_only=True)``
 (:func:`safe_torch_load`). A file that would need arbitrary unpickling is refused before anything in it runs
-(:class:`UnsafeCheckpointError`); :func:`convert_checkpoint` rewrites a trusted one as a plain file.
+(:class:`UnsafeCheckpointError`); :func:`convert_checkpoint` rewrites a trusted one as a plain file. A truncated or
+corrupt file (a copy cut short) raises :class:`~monai_histodiff.data.validation.CorruptFileError` naming it and the
+stage to rerun, and a save that runs out of disk space names the file and keeps the previous one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import os
 import pickle
 import re
+import struct
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 from monai.utils import min_version, optional_import
+
+from monai_histodiff.data.validation import REMEDY_RERUN, CorruptFileError, no_space_error
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
@@ -128,32 +133,50 @@ def _save_plain(obj: Any, path: Path) -> Path:
             raise TypeError(f"not writing {path}: it would hold {sorted(unsafe)}, which another site could only load "
                             f"by running code from the file; save tensors and plain values only")
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = no_space_error(path, e)  # the previous file at ``path`` is untouched; the partial one goes below
+        if full is None:
+            raise
+        raise full from e
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
-def safe_torch_load(path: str | os.PathLike, reader: str, map_location: Any = "cpu") -> Any:
+def safe_torch_load(path: str | os.PathLike, reader: str, map_location: Any = "cpu", remedy: str = REMEDY_RERUN) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain values only, nothing in the file runs.
 
     Args:
         path: the file.
         reader: what is reading it (the stage or step), named in the error.
         map_location: as for ``torch.load``.
+        remedy: what to do when the file is truncated or corrupt, named in the error.
 
     Raises:
         UnsafeCheckpointError: naming the file and ``reader``, when the file holds objects that only arbitrary
             unpickling would rebuild (a class instance, a ``__reduce__`` payload, a TorchScript archive, ...).
+        CorruptFileError: naming the file, ``reader`` and ``remedy``, when the file is truncated, empty or not a torch
+            file at all (torch reports these as ``EOFError``, ``OSError``, ``KeyError``, archive ``RuntimeError``...).
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e)
+        if not _UNSAFE.search(reason):  # e.g. "Unsupported operand 92": bytes that are no pickle stream
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", reason)
+            raise CorruptFileError(path, reader, remedy, found.group(1) if found else reason) from None
     except RuntimeError as e:
         if "weights_only" not in str(e):
+            if _ARCHIVE_ERROR.search(str(e)):
+                raise CorruptFileError(path, reader, remedy, f"{type(e).__name__}: {e}") from None
             raise
         reason = str(e)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (EOFError, OSError, KeyError, ValueError, IndexError, struct.error) as e:
+        raise CorruptFileError(path, reader, remedy, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) \
+            from None
     found = re.search(r"GLOBAL (\S+) was not an allowed global", reason)
     detail = f"it refers to {found.group(1)}" if found else (reason.strip().splitlines() or [""])[0][:200]
     raise UnsafeCheckpointError(
@@ -162,6 +185,12 @@ def safe_torch_load(path: str | os.PathLike, reader: str, map_location: Any = "c
         f"state files with weights_only=True. If the file comes from a source you trust (e.g. written by an older "
         f"version), convert it once: {CONVERT_COMMAND} {path} <converted.pt> --trust-source-and-run-its-code"
     ) from None
+
+
+#: torch's words for a file that needs code to rebuild (as opposed to one that is broken).
+_UNSAFE = re.compile(r"allowed global|Unsupported global|Unsupported class|TorchScript")
+#: torch's words for a broken zip archive (truncated, or not a torch file).
+_ARCHIVE_ERROR = re.compile(r"PytorchStreamReader|zip archive|central directory|inline_container|corrupted")
 
 
 def checkpoint_meta(stage: str, config: Mapping[str, Any] | None = None, parents: Mapping[str, str] | None = None,
@@ -210,24 +239,30 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Map
 
 
 def load_checkpoint(path: str | os.PathLike, stage: str | None = None, map_location: Any = "cpu",
-                    reader: str | None = None) -> dict[str, Any]:
+                    reader: str | None = None, remedy: str | None = None) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; with ``stage``, check it came from that stage.
 
     The file is read with ``weights_only=True``: one that would need arbitrary unpickling raises
-    :class:`UnsafeCheckpointError` (naming the file and ``reader``) before anything in it runs.
+    :class:`UnsafeCheckpointError` (naming the file and ``reader``) before anything in it runs; a truncated or
+    corrupt one raises :class:`CorruptFileError` naming the file and the stage to rerun.
 
     Args:
         path: the checkpoint.
         stage: the stage expected to have written it.
         map_location: as for ``torch.load``.
         reader: the stage or step reading it, named in errors (with ``stage``).
+        remedy: what to do when the file is corrupt; default: delete it and rerun ``stage`` (or the stage that
+            writes it).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}" + (f" (expected the output of stage '{stage}')"
                                                                     if stage else ""))
     reader = ", ".join([reader or "load_checkpoint", *([f"expecting the output of stage '{stage}'"] if stage else [])])
-    ckpt = safe_torch_load(path, reader, map_location=map_location)
+    if remedy is None:
+        remedy = f"delete it and rerun stage '{stage}', which writes it (or copy it again, if it came from elsewhere)" \
+            if stage else REMEDY_RERUN
+    ckpt = safe_torch_load(path, reader, map_location=map_location, remedy=remedy)
     if not isinstance(ckpt, dict) or "state" not in ckpt or "meta" not in ckpt:
         raise ValueError(f"{path} is not a monai_histodiff checkpoint (no 'state'/'meta')")
     if stage is not None and ckpt["meta"].get("stage") != stage:
@@ -350,7 +385,9 @@ class StageCheckpointHandler:
             raise FileNotFoundError(f"resume=True but there is no checkpoint to resume from: {self.last_path}")
         stage = self.meta.get("stage") if isinstance(self.meta, Mapping) else None
         ckpt = load_checkpoint(self.last_path, reader=f"resume=True{f' of stage {stage!r}' if stage else ''} "
-                                                      f"(restoring the run saved in {self.save_dir})")
+                                                      f"(restoring the run saved in {self.save_dir})",
+                               remedy="restore it from a copy, or delete it and rerun without resume=True (the stage "
+                                      "starts over)")
         for name, obj in self.save_dict.items():
             if name not in ckpt["state"]:
                 raise KeyError(f"{self.last_path} has no '{name}' to resume (has {sorted(ckpt['state'])})")

@@ -31,6 +31,7 @@ from monai.data import DataLoader, Dataset
 from monai.utils import OptionalImportError, min_version, optional_import
 
 from monai_histodiff.data.datalist import class_counts, load_datalist, write_datalist
+from monai_histodiff.data.validation import CorruptFileError
 from monai_histodiff.data.transforms import tile_transforms
 from monai_histodiff.selection import (
     BALANCE_MODES,
@@ -68,6 +69,10 @@ class SelectionShortError(ValueError):
     """Raised when the smallest class fill of a selection is below ``min_fill``: the row should not be trained."""
 
 
+_RERUN_GENERATE = ("rerun generate with the same output_dir: it regenerates the tiles that are missing or whose "
+                   "manifest line is broken, and rewrites manifest.jsonl")
+
+
 def read_generation_manifest(path: str | os.PathLike, classes: Sequence[str]) -> list[dict[str, Any]]:
     """Read the generation manifest (JSON lines) into candidate items.
 
@@ -85,7 +90,8 @@ def read_generation_manifest(path: str | os.PathLike, classes: Sequence[str]) ->
 
     Raises:
         FileNotFoundError: when the manifest or one of its tiles does not exist (both are named).
-        ValueError: on invalid JSON, a missing key, a class not in ``classes`` or an out-of-range ``class_index``
+        CorruptFileError: on a line that is not JSON (a ``ValueError``; e.g. cut by a killed run), naming the line.
+        ValueError: on a missing key, a class not in ``classes`` or an out-of-range ``class_index``
             (the line and the value are named), or an empty manifest.
     """
     path = Path(path)
@@ -102,13 +108,14 @@ def read_generation_manifest(path: str | os.PathLike, classes: Sequence[str]) ->
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON: {e}") from e
+                raise CorruptFileError(path, f"read_generation_manifest, line {lineno}", _RERUN_GENERATE,
+                                       f"not valid JSON: {e}") from None
             if not isinstance(row, Mapping) or "file" not in row:
                 raise ValueError(f"{where}: a manifest row needs a 'file' entry, got {line.strip()[:200]!r}")
             index = _manifest_class_index(row, names, where)
             image = Path(row["file"]) if os.path.isabs(row["file"]) else base / row["file"]
             if not image.is_file():
-                raise FileNotFoundError(f"{where}: synthetic tile not found: {image}")
+                raise FileNotFoundError(f"{where}: synthetic tile not found: {image}; {_RERUN_GENERATE}")
             conf = row.get("confidence")
             items.append(
                 {

@@ -54,3 +54,28 @@ def test_datalist_roundtrip_is_relative(toy_dir, tmp_path):
     assert [it["image"] for it in loaded["training"]] == [it["image"] for it in items[:3]]
     cm = json.loads(save_class_map(classes, tmp_path).read_text())
     assert cm["class_to_index"][classes[2]] == 2
+
+
+@pytest.mark.parametrize("content", ['{"classes": ["A", "B"], "training": [{"image": "a.png", "la', "", "[1, 2]",
+                                     '{"training": [{"label": 0}]}', b"\xff\xfe\x00garbage"],
+                         ids=["cut", "empty", "not_an_object", "item_without_image", "binary"])
+def test_corrupt_split_file_names_file_and_what_to_do(tmp_path, content):
+    import re
+
+    from monai_histodiff.data.validation import CorruptFileError
+
+    path = tmp_path / "split.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CorruptFileError, match=rf"{re.escape(str(path))} \(read by load_datalist\) is truncated or "
+                                               r"corrupt .*delete it and rerun the stage that writes it") as e:
+        load_datalist(path)
+    assert isinstance(e.value, ValueError)
+
+
+def test_csv_label_outside_the_class_list_is_refused(tmp_path):
+    (tmp_path / "labels.csv").write_text("image,label\na.png,TUM\nb.png,STROMA\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels\.csv, row 3: label 'STROMA' is not one of \['TUM', 'STR'\]"):
+        read_labeled_list(tmp_path / "labels.csv", ["TUM", "STR"])
+    (tmp_path / "index.csv").write_text("image,label\na.png,0\nb.png,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"index\.csv, row 3: label '2' is not one of"):
+        read_labeled_list(tmp_path / "index.csv", ["TUM", "STR"])

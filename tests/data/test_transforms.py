@@ -45,3 +45,48 @@ def test_itk_reader_gives_same_array(nct_crc_dir):
     a = tile_transforms(64, reader="PILReader")({"image": f})["image"]
     b = tile_transforms(64, reader="ITKReader")({"image": f})["image"]
     torch.testing.assert_close(a, b)
+
+
+def _seeded_rgb(h: int = 24, w: int = 16) -> np.ndarray:
+    """A tile with a clear top-left marker, so that orientation is checkable."""
+    rgb = np.random.default_rng(3).integers(60, 200, (h, w, 3), dtype=np.uint8)
+    rgb[:6, :4] = (250, 10, 10)
+    return rgb
+
+
+def test_cmyk_and_palette_tiles_become_rgb(tmp_path):
+    from monai_histodiff.data.transforms import pil_to_rgb
+
+    rgb = _seeded_rgb()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(tmp_path / "palette.png")
+    with Image.open(tmp_path / "palette.png") as im:
+        assert im.mode == "P"
+        palette_colours = np.asarray(im.getpalette(), np.uint8).reshape(-1, 3)[np.asarray(im)]  # the lookup by hand
+    with Image.open(tmp_path / "cmyk.tif") as im:
+        assert im.mode == "CMYK"
+    for name, expected, atol in (("cmyk.tif", rgb, 1), ("palette.png", palette_colours, 1)):
+        out = tile_transforms((24, 16))({"image": str(tmp_path / name)})["image"]
+        assert out.shape == (3, 24, 16)
+        np.testing.assert_allclose(to_uint8_image(out).astype(int), expected.astype(int), atol=atol)
+        assert pil_to_rgb(Image.open(tmp_path / name)).mode == "RGB"
+
+
+@pytest.mark.parametrize("orientation, undo, k", [(6, Image.Transpose.ROTATE_90, -1),
+                                                  (3, Image.Transpose.ROTATE_180, 2),
+                                                  (8, Image.Transpose.ROTATE_270, 1)],
+                         ids=["orientation6", "orientation3", "orientation8"])
+def test_exif_rotated_jpeg_is_turned_upright(tmp_path, orientation, undo, k):
+    """A camera stores the sensor's pixels and an EXIF orientation; the tile is read the way it is shown."""
+    upright = _seeded_rgb()
+    stored = Image.fromarray(upright).transpose(undo)  # what the camera wrote: rotated pixels ...
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # ... and the tag that turns them upright (k quarter turns counter-clockwise)
+    stored.save(tmp_path / "tile.jpg", quality=100, subsampling=0, exif=exif)
+    with Image.open(tmp_path / "tile.jpg") as im:
+        decoded = np.asarray(im.convert("RGB"))  # the stored pixels, as they are in the file
+    assert decoded.shape == (16, 24, 3) if k % 2 else (24, 16, 3)
+    out = to_uint8_image(tile_transforms((24, 16))({"image": str(tmp_path / "tile.jpg")})["image"])
+    np.testing.assert_array_equal(out, np.rot90(decoded, k))
+    assert np.abs(out.astype(int) - upright.astype(int)).mean() < 4  # JPEG loss only, not a turned tile
+    assert out[:6, :4, 0].mean() > 200 and out[:6, :4, 1].mean() < 60  # the marker is back at the top left

@@ -258,3 +258,85 @@ def test_orphan_png_is_regenerated(nets, tmp_path):
     assert Path(out, orphan).read_bytes() == before
     assert [r["file"] for r in _rows(out)].count(orphan) == 1
     assert [r["file"] for r in read_manifest(manifest)].count(orphan) == 1
+
+
+# --- faults: a cut manifest, a second run on the same folder, a full disk ---------------------------------------
+
+
+def test_cut_merged_manifest_and_missing_tile_are_redone_once(nets, tmp_path):
+    out = str(tmp_path / "gen")
+    _make(nets, out).run()
+    reference = _tiles(out)
+    merged = Path(out, "manifest.jsonl")
+    lines = merged.read_text().splitlines(keepends=True)
+    last = json.loads(lines[-1])["file"]
+    merged.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # the last line cut by a kill
+    os.remove(os.path.join(out, "manifest.rank0.jsonl"))
+    lost = json.loads(lines[0])["file"]
+    os.remove(os.path.join(out, lost))  # a row whose tile is gone
+
+    summary = _make(nets, out).run()
+    assert summary["generated"] == 2 and summary["skipped_existing"] == 5
+    rows = _rows(out)
+    assert sorted(r["file"] for r in rows) == sorted(reference) and len(rows) == 7  # one row per tile, no duplicate
+    assert {last, lost} <= {r["file"] for r in read_manifest(os.path.join(out, "manifest.rank0.jsonl"))}
+    assert _tiles(out) == reference
+
+
+def test_second_run_on_the_same_folder_is_refused(nets, tmp_path):
+    import socket
+    import subprocess
+
+    from monai_histodiff.engines.locking import OutputLockedError
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        with pytest.raises(OutputLockedError, match=rf"in use by process {holder.pid} .*generate \(rank 0\) refuses"):
+            _make(nets, str(out)).run()
+        assert _tiles(str(out)) == {} and not (out / "manifest.rank0.jsonl").exists()
+        _make(nets, str(out), rank=1, world_size=2).run()  # another shard of the same run takes its own lock
+        assert (out / ".lock").read_text().split()[0] == str(holder.pid)
+        assert not (out / ".lock.rank1").exists() and len(read_manifest(out / "manifest.rank1.jsonl")) == 3
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(UserWarning, match=rf"stale lock .*process {holder.pid}"):  # the holder was killed
+        summary = _make(nets, str(out)).run()
+    assert summary["generated"] == 4 and len(_rows(str(out))) == 7 and not (out / ".lock").exists()
+
+
+def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    out = str(tmp_path / "gen")
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def full_disk(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second tile of the second batch
+            fp.write(b"\x89PNG\r\n\x1a\n partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    target = os.path.join(out, tile_filename("STR", 0))  # batches of 3: TUM 0-2, then TUM 3, STR 0 (5th), ...
+    with pytest.raises(OSError, match=r"No space left on device") as e:
+        _make(nets, out).run()
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == target
+    assert not glob.glob(os.path.join(out, "*", ".*tmp")) and not os.path.exists(target)
+    finished = _tiles(out)
+    assert len(finished) == 4 and len(read_manifest(os.path.join(out, "manifest.rank0.jsonl"))) == 3
+    assert not os.path.exists(os.path.join(out, ".lock"))  # released on the error
+
+    reference = str(tmp_path / "reference")
+    _make(nets, reference).run()
+    assert all(data == _tiles(reference)[p] for p, data in finished.items())  # every finished tile intact
+    summary = _make(nets, out).run()
+    assert summary["generated"] == 4 and _tiles(out) == _tiles(reference) and len(_rows(out)) == 7

@@ -114,3 +114,24 @@ def test_cached_dataset_shapes_and_aligned_augmentation():
         assert matches, "augmentation is an element of the dihedral group"
         seen.add(matches[0])
     assert len(seen) == 8
+
+
+def test_truncated_cache_is_named_and_rebuilt(tmp_path, toy_loader):
+    """A cache cut short (a copy, a full disk) is reported naming the file; get_or_create encodes it again."""
+    import re
+
+    from monai_histodiff.data.validation import CorruptFileError
+
+    loader = _Counting(toy_loader[0])
+    ae = tiny_autoencoder()
+    path = tmp_path / "latents.pt"
+    first = get_or_create_latent_cache(path, ae, loader, autoencoder_sha256="a" * 64, image_size=32)
+    path.write_bytes(path.read_bytes()[:200])
+    expected = rf"{re.escape(str(path))} \(read by LatentCache\.load \(latent cache\)\) is truncated or corrupt .*delete it"
+    with pytest.raises(CorruptFileError, match=expected + ": .*encodes the tiles again"):
+        LatentCache.load(path, expected_autoencoder_sha256="a" * 64)
+    with pytest.warns(UserWarning, match=rf"rebuilding the latent cache: {re.escape(str(path))}.*truncated"):
+        rebuilt = get_or_create_latent_cache(path, ae, loader, autoencoder_sha256="a" * 64, image_size=32)
+    assert loader.calls == 2
+    torch.testing.assert_close(rebuilt.mu, first.mu)
+    torch.testing.assert_close(LatentCache.load(path).mu, first.mu)

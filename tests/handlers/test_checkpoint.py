@@ -152,3 +152,92 @@ def test_previous_version_files_load_or_say_how_to_convert(tmp_path):
     convert_checkpoint(old, tmp_path / "old_plain.pt")
     plain = load_checkpoint(tmp_path / "old_plain.pt")
     torch.optim.Adam(model.parameters()).load_state_dict(plain["state"]["optimizer"])
+
+
+# --- faults a site can meet: a file cut short, a full disk ------------------------------------------------------
+
+
+def _cut(path, how: str) -> None:
+    """Damage a saved file the way a copy cut short, an empty write or stray bytes would."""
+    import os
+
+    data = path.read_bytes()
+    damaged = {"half": data[: len(data) // 2], "tail": data[:-64], "head": data[:10], "empty": b"",
+               "garbage": bytes(range(256)) * 20}[how]
+    path.write_bytes(damaged)
+    assert os.path.getsize(path) == len(damaged)
+
+
+@pytest.mark.parametrize("how", ["half", "tail", "head", "empty", "garbage"])
+def test_corrupt_checkpoint_names_file_and_stage_to_rerun(tmp_path, how):
+    import re
+
+    from monai_histodiff.data.validation import CorruptFileError
+
+    path = save_checkpoint(tmp_path / "autoencoder.pt", {"model": torch.nn.Linear(30, 30)},
+                           checkpoint_meta("pretrain_autoencoder"))
+    _cut(path, how)
+    with pytest.raises(CorruptFileError, match=rf"{re.escape(str(path))} \(read by load_autoencoder.*\) is truncated "
+                                               rf"or corrupt .*delete it and rerun stage 'pretrain_autoencoder'") as e:
+        load_checkpoint(path, stage="pretrain_autoencoder", reader="load_autoencoder")
+    assert isinstance(e.value, ValueError) and e.value.path == str(path)
+
+
+def test_corrupt_last_checkpoint_on_resume_says_what_to_do(tmp_path):
+    from monai_histodiff.data.validation import CorruptFileError
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    engine = _engine(model, opt)
+    StageCheckpointHandler(tmp_path, {"model": model}, meta={"stage": "t"}).attach(engine)
+    engine.run([0] * 2, max_epochs=1)
+    _cut(tmp_path / "last.pt", "half")
+    engine2 = _engine(model, opt)
+    StageCheckpointHandler(tmp_path, {"model": model}, meta={"stage": "t"}, resume=True).attach(engine2)
+    with pytest.raises(CorruptFileError, match=r"last\.pt \(read by resume=True of stage 't'.*restore it from a copy, "
+                                               r"or delete it and rerun without resume=True"):
+        engine2.run([0] * 2, max_epochs=2)
+
+
+@pytest.mark.parametrize("raised", ["oserror", "torch_writer"])
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, raised):
+    """A save that runs out of space names the file and the cause; the previous checkpoint and no partial file stay."""
+    import errno
+    import os
+    from collections import namedtuple
+
+    import monai_histodiff.data.validation as validation
+
+    old_model = torch.nn.Linear(4, 4)
+    path = save_checkpoint(tmp_path / "last.pt", {"model": old_model}, {"stage": "t"})
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # leave a partial file, as a full disk does
+            fh.truncate(100)
+        if raised == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # what torch says
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    if raised == "torch_writer":  # torch's writer does not say why; the file system does
+        vfs = namedtuple("vfs", "f_bavail f_frsize")
+        monkeypatch.setattr(validation.os, "statvfs", lambda p: vfs(0, 4096), raising=False)
+    with pytest.raises(OSError, match=r"No space left on device.*last\.pt") as e:
+        save_checkpoint(path, {"model": torch.nn.Linear(4, 4)}, {"stage": "t"})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["state"]["model"]["weight"], old_model.weight.detach())
+
+
+def test_other_writer_errors_are_not_called_disk_full(tmp_path, monkeypatch):
+    def broken(obj, f, *args, **kwargs):
+        raise RuntimeError("some other writer failure")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="some other writer failure"):
+        save_checkpoint(tmp_path / "x.pt", {"model": torch.nn.Linear(2, 2)}, {"stage": "t"})
+    assert list(tmp_path.iterdir()) == []

@@ -349,3 +349,19 @@ def test_only_rank0_writes(scenario, tmp_path, monkeypatch):
     report = handler()
     assert report["totals"]["candidates"] == len(scenario["kinds"]) and handler.result is not None
     assert not (tmp_path / "rank1").exists()
+
+
+def test_manifest_cut_by_a_kill_names_the_line_and_the_rerun(tmp_path):
+    from monai_histodiff.data.validation import CorruptFileError
+    from monai_histodiff.handlers.selection import read_generation_manifest
+
+    (tmp_path / "A").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "A" / "A_000000.png")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"file": "A/A_000000.png", "class": "A"}) + "\n" + '{"file": "A/A_0000', "utf-8")
+    with pytest.raises(CorruptFileError, match=r"manifest\.jsonl \(read by read_generation_manifest, line 2\) is "
+                                               r"truncated or corrupt .*rerun generate with the same output_dir"):
+        read_generation_manifest(manifest, ["A", "B"])
+    manifest.write_text(json.dumps({"file": "A/A_000001.png", "class": "A"}) + "\n", "utf-8")
+    with pytest.raises(FileNotFoundError, match=r"A_000001\.png; rerun generate with the same output_dir"):
+        read_generation_manifest(manifest, ["A", "B"])
