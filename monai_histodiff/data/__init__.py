@@ -25,7 +25,13 @@ from monai_histodiff.data.split import check_groups_disjoint, make_split, strati
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
 from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
 from monai_histodiff.data.unlabeled import format_source_counts, source_counts, sources_in, unlabeled_datalist
-from monai_histodiff.data.validation import BadFilesError, check_image, scan_images
+from monai_histodiff.data.validation import (
+    BadFilesError,
+    CorruptFileError,
+    check_class_images,
+    check_image,
+    scan_images,
+)
 
 __all__ = [
     "GROUPS_FILENAME",
@@ -66,6 +72,8 @@ __all__ = [
     "sources_in",
     "unlabeled_datalist",
     "BadFilesError",
+    "CorruptFileError",
+    "check_class_images",
     "check_image",
     "scan_images",
 ]

@@ -23,7 +23,7 @@ from monai_histodiff.data.datalist import (
 )
 from monai_histodiff.data.split import check_groups_disjoint, make_split
 from monai_histodiff.data.unlabeled import unlabeled_datalist
-from monai_histodiff.data.validation import scan_images
+from monai_histodiff.data.validation import check_class_images, scan_images
 
 __all__ = ["load_labeled", "prepare_labeled_split", "prepare_unlabeled", "ensure_split"]
 
@@ -76,6 +76,7 @@ def prepare_labeled_split(
         groups_file = find_groups_file(dataset, groups_file)
     items, classes = load_labeled(dataset, class_names, groups_file=groups_file)
     items, bad = scan_images(items, policy=bad_files, report_dir=out_dir)
+    check_class_images(items, classes, dataset, bad)
     test_items = None
     if test_dataset is not None:
         test_items, test_classes = load_labeled(test_dataset, classes)

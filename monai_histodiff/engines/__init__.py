@@ -82,6 +82,7 @@ from monai_histodiff.engines.sampling import (  # noqa: E402
     optimize_for_inference,
 )
 from monai_histodiff.engines.schedules import LinearWarmup  # noqa: E402
+from monai_histodiff.engines.locking import OutputLock  # noqa: E402
 
 __all__ += [
     "AutoencoderKLTrainer",
@@ -99,6 +100,7 @@ __all__ += [
     "per_element_weight",
     "reconstruction_loss",
     "LinearWarmup",
+    "OutputLock",
     "check_classes",
     "check_image_size",
     "checkpoint_classes",
