@@ -273,9 +273,12 @@ def _judge(judge_ckpt: Path | None, out: Path, synthetic_dir: Path, decisions: P
         return None
     from monai_histodiff.metrics.judge import judge_generated
 
+    path = out / "judged" / f"{name}.json"
+    if _is_current(path, [synthetic_dir / "manifest.jsonl", judge_ckpt, *([decisions] if decisions else [])]):
+        return json.loads(path.read_text())
     result = judge_generated(judge_ckpt, synthetic_dir, out / "split.json", decisions_csv=decisions)
-    (out / "judged").mkdir(parents=True, exist_ok=True)
-    (out / "judged" / f"{name}.json").write_text(json.dumps(result, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -437,13 +440,18 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
             datalist = (sel_dir / "augmented_datalist.json").as_posix()
         for seed in cfg.seeds:
             seed_dir = row_dir / f"seed{seed}"
-            stages("train_downstream", log_name=f"train_downstream_{_slug(row)}_seed{seed}", datalist_file=datalist,
-                   stage_dir=seed_dir.as_posix(), seed=seed, **budget)
-            stages("evaluate", log_name=f"evaluate_{_slug(row)}_seed{seed}",
-                   downstream_ckpt=(seed_dir / "classifier.pt").as_posix(),
-                   eval_dir=(seed_dir / "evaluate").as_posix(),
-                   synthetic_datalist=None if row.mode is None else datalist,
-                   fd_extractor_ckpt=fd_ckpt.as_posix(), fd_extractor_name=fd_name, seed=seed)
+            metrics_file = seed_dir / "evaluate" / "metrics.json"
+            if _is_current(metrics_file, [Path(datalist), seed_dir / "classifier.pt"]):
+                print(f"[experiment] {row.name}, seed {seed}: reusing {metrics_file}", flush=True)
+            else:
+                stages("train_downstream", log_name=f"train_downstream_{_slug(row)}_seed{seed}",
+                       datalist_file=datalist, stage_dir=seed_dir.as_posix(), seed=seed, **budget)
+            if not _is_current(metrics_file, [Path(datalist), seed_dir / "classifier.pt"]):
+                stages("evaluate", log_name=f"evaluate_{_slug(row)}_seed{seed}",
+                       downstream_ckpt=(seed_dir / "classifier.pt").as_posix(),
+                       eval_dir=(seed_dir / "evaluate").as_posix(),
+                       synthetic_datalist=None if row.mode is None else datalist,
+                       fd_extractor_ckpt=fd_ckpt.as_posix(), fd_extractor_name=fd_name, seed=seed)
             metrics = json.loads((seed_dir / "evaluate" / "metrics.json").read_text())
             ckpt_meta = _downstream_meta(seed_dir / "classifier.pt")
             sel = selections.get(row.name)
@@ -510,6 +518,11 @@ def stage_hparam(stage: str, key: str, small: bool = True) -> Any:
     if stage not in hparams or key not in hparams[stage]:
         raise KeyError(f"bundles/{name}.json#hparams has no '{stage}' -> '{key}'")
     return hparams[stage][key]
+
+
+def _is_current(output: Path, inputs: Sequence[Path]) -> bool:
+    """Whether ``output`` exists and is newer than every input (a rerun of the runner reuses it)."""
+    return output.is_file() and all(p.is_file() and p.stat().st_mtime <= output.stat().st_mtime for p in inputs)
 
 
 def _downstream_meta(ckpt: Path) -> dict[str, Any]:

@@ -574,8 +574,12 @@ class CentroidSelectionHandler:
             for i in result.kept_indices
         ]
         augmented = copy.deepcopy(split)
-        # every item carries the flag, so batches of mixed real and synthetic tiles collate
+        # every item carries the same keys, so batches of mixed real and synthetic tiles collate: the flag, and a
+        # group when the real tiles have groups (a synthetic tile is a group of its own)
         real_training = [dict(it, synthetic=False) for it in augmented.get("training") or []]
+        if any("group" in it for it in real_training):
+            for it in real_training + kept_items:
+                it.setdefault("group", f"{'synthetic' if it['synthetic'] else 'tile'}:{Path(it['image']).name}")
         real_counts = class_counts(real_training, k)
         augmented["training"] = real_training + kept_items
         counts = dict(augmented.get("counts") or {})

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_histodiff.data.datalist import load_datalist
+from monai_histodiff.data.datalist import load_datalist, write_datalist
 from monai_histodiff.data.prepare import prepare_labeled_split
 from monai_histodiff.data.toy import make_toy_dataset
 from monai_histodiff.handlers import CentroidSelectionHandler
@@ -365,3 +365,19 @@ def test_manifest_cut_by_a_kill_names_the_line_and_the_rerun(tmp_path):
     manifest.write_text(json.dumps({"file": "A/A_000001.png", "class": "A"}) + "\n", "utf-8")
     with pytest.raises(FileNotFoundError, match=r"A_000001\.png; rerun generate with the same output_dir"):
         read_generation_manifest(manifest, ["A", "B"])
+
+
+def test_augmented_items_share_keys_so_mixed_batches_collate(scenario, tmp_path):
+    """Real tiles with groups (a groups file) and synthetic tiles (a group of their own) collate in one batch."""
+    from monai.data.utils import list_data_collate
+
+    split = load_datalist(scenario["datalist"])
+    for i, it in enumerate(split["training"]):
+        it["group"] = f"g{i // 2}"
+    write_datalist(split, tmp_path / "grouped_split.json")
+    out = tmp_path / "sel"
+    _handler(scenario, out, real_datalist=tmp_path / "grouped_split.json", mode="random").run()
+    training = load_datalist(out / "augmented_datalist.json")["training"]
+    assert any(it["synthetic"] for it in training) and len({frozenset(it) for it in training}) == 1
+    batch = list_data_collate([{k: v for k, v in it.items() if k != "image"} for it in training])
+    assert len(batch["group"]) == len(training)

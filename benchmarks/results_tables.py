@@ -1,0 +1,108 @@
+"""Markdown tables of an experiment folder for docs/results.md: every number read from the files the run wrote.
+
+    python benchmarks/results_tables.py runs/lung > /tmp/tables.md
+
+Prints: the split, the adaptation checks (latent classifier per noise bucket beside the auxiliary classifier), the
+judge, the guidance sweep (judged conditional accuracy per scale and DDIM steps, per class), the pool rounds, what
+selection kept and rejected (judged), per-class FD, Table 1 (results.md) and the ablations' tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "/" if x is None else f"{x:.{nd}f}"
+
+
+def split_table(out: Path) -> list[str]:
+    split = json.loads((out / "split.json").read_text())
+    counts = split.get("counts", {})
+    lines = ["| part | " + " | ".join(split["classes"]) + " |", "|---|" + "---|" * len(split["classes"])]
+    for part in ("training", "validation", "test", "pool"):
+        if part in counts:
+            lines.append(f"| {part} | " + " | ".join(str(c) for c in counts[part]) + " |")
+    return lines
+
+
+def adaptation_table(report: dict) -> list[str]:
+    lat = report["latent_classifier"]
+    lines = [f"Auxiliary image classifier phi, best validation accuracy (top-1): {_f(report.get('aux_classifier'))}; "
+             f"chance {_f(lat['chance'])}.", "",
+             "| t bucket | " + " | ".join(f"{b['t_min']}-{b['t_max']}" for b in lat["buckets"]) + " |",
+             "|---|" + "---|" * len(lat["buckets"]),
+             "| latent classifier accuracy | " + " | ".join(_f(b["accuracy"], 2) for b in lat["buckets"]) + " |"]
+    return lines
+
+
+def sweep_table(report: dict) -> list[str]:
+    sweep = report.get("judge", {}).get("sweep") or []
+    if not sweep:
+        return ["(no sweep)"]
+    classes = list(sweep[0]["per_class"])
+    lines = ["| DDIM steps | g | conditional accuracy | " + " | ".join(classes) + " | FD (judge) | seconds |",
+             "|---|---|---|" + "---|" * len(classes) + "---|---|"]
+    for s in sweep:
+        lines.append(f"| {s['steps']} | {s['guidance_scale']:g} | {_f(s['conditional_accuracy'])} | "
+                     + " | ".join(_f(s["per_class"][c]) for c in classes) + f" | {_f(s.get('fd'))} | {s['seconds']} |")
+    return lines
+
+
+def selection_table(report: dict) -> list[str]:
+    lines = ["| row | kept / quota | status | judged accuracy of kept | of rejected | FD kept (judge) |",
+             "|---|---|---|---|---|---|"]
+    for name, sel in report.get("selections", {}).items():
+        judged = sel.get("judge") or {}
+        kept, rej = judged.get("kept") or {}, judged.get("rejected") or {}
+        fd = (judged.get("frechet_kept") or {}).get("overall")
+        lines.append(f"| {name} | {sel['kept_total']} / {sel['quota_total']} | {sel['status']} | "
+                     f"{_f(kept.get('accuracy'))} (n={kept.get('count', 0)}) | "
+                     f"{_f(rej.get('accuracy'))} (n={rej.get('count', 0)}) | {_f(fd)} |")
+    return lines
+
+
+def pool_table(report: dict) -> list[str]:
+    pool = report.get("pool") or {}
+    judged = (report.get("judge") or {}).get("pool") or {}
+    lines = []
+    for i, r in enumerate(pool.get("rounds", [])):
+        lines.append(f"- round {i}: generated {r['counts']}, selectable {r.get('eligible')}, largest quota {r.get('quota')}")
+    acc = judged.get("conditional_accuracy") or {}
+    if acc:
+        per = ", ".join(f"{c} {_f(v['accuracy'])}" for c, v in acc["per_class"].items())
+        lines.append(f"- judged conditional accuracy of the whole pool: {_f(acc['accuracy'])} of {acc['count']} ({per})")
+        fd = judged.get("frechet") or {}
+        per_fd = ", ".join(f"{c} {_f((v or {}).get('fd'))}" for c, v in (fd.get("per_class") or {}).items())
+        lines.append(f"- {fd.get('metric_name')}, pool vs real training + validation tiles "
+                     f"({fd.get('num_samples')} per set): overall {_f(fd.get('overall'))}; per class {per_fd}")
+        lines.append("- judge confusion of the pool (rows requested, columns judged): " + str(acc.get("confusion")))
+    return lines
+
+
+def main(out: str) -> None:
+    root = Path(out)
+    report = json.loads((root / "experiment_report.json").read_text())
+    sections = [("Split", split_table(root)), ("Adaptation", adaptation_table(report)),
+                ("Judge", [f"Judge test accuracy: {_f(report.get('judge_test_accuracy'))}"]),
+                ("Guidance sweep (judged)", sweep_table(report)), ("Pool", pool_table(report)),
+                ("Selection (judged)", selection_table(report)),
+                ("Table 1", (root / "results.md").read_text().splitlines())]
+    for ablation in sorted(root.glob("ablation_*/results.md")):
+        sections.append((ablation.parent.name, ablation.read_text().splitlines()))
+        rep = ablation.parent / "experiment_report.json"
+        if rep.is_file():
+            sections.append((f"{ablation.parent.name}: selection", selection_table(json.loads(rep.read_text()))))
+    sections.append(("Budget and wall time", [json.dumps(report.get("budget")),
+                                              f"wall seconds: {report.get('wall_seconds')}",
+                                              json.dumps(report.get("stage_seconds"))]))
+    for title, lines in sections:
+        print(f"### {title}\n")
+        print("\n".join(lines))
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/lung")
