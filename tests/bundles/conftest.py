@@ -86,6 +86,6 @@ def toy_labeled_site(tmp_path_factory, pretrained) -> Path:
     common = dict(dataset_dir=str(data), output_dir=str(site), label_per_class=8, val_fraction=0.25, lr=2e-3, **FAST)
     run_bundle(["bundles/train_aux_classifier.json", *SMALL], max_epochs=4, batch_size=8, **common)
     run_bundle(["bundles/finetune.json", *SMALL], max_epochs=1, batch_size=6, **common)
-    run_bundle(["bundles/train_latent_classifier.json", *SMALL], max_epochs=10, val_interval=10, batch_size=8,
+    run_bundle(["bundles/train_latent_classifier.json", *SMALL], max_epochs=5, val_interval=5, batch_size=8,
                **common)
     return site
