@@ -28,7 +28,7 @@ SMALL="['bundles/pretrain_autoencoder.json','bundles/small.json']"
 echo "[evidence] autoencoder after $(( $(date +%s) - START )) s"
 [ -f "$OUT/pretrain_diffusion/diffusion.pt" ] || $PY -m monai.bundle run \
     --config_file "['bundles/pretrain_diffusion.json','bundles/small.json']" --output_dir "$OUT" \
-    --datalist "$DATALIST" --max_epochs 110 --warmup_steps 50 --sample_interval 20 --grid_inference_steps 25
+    --datalist "$DATALIST" --max_epochs 300 --warmup_steps 50 --sample_interval 20 --grid_inference_steps 25
 echo "[evidence] diffusion after $(( $(date +%s) - START )) s"
 COMMON=(--output_dir "$OUT" --dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600
         --seeds 0 1 2 --generation_steps 50)

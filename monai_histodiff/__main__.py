@@ -123,6 +123,14 @@ def _cmd_large_files(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download_checkpoints(a: argparse.Namespace) -> int:
+    from monai_histodiff.publish import download_checkpoints
+
+    for path in download_checkpoints(a.bundle_path, a.large_files):
+        print(f"{path}: sha256 verified")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from monai_histodiff.demo import run_demo
 
@@ -268,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--url_base", required=True, help="where the checkpoints are published")
     lf.add_argument("--output", default="large_files.yml")
     lf.set_defaults(func=_cmd_large_files)
+    dc = sub.add_parser("download-checkpoints", help="fetch the checkpoints large_files.yml lists; keep each only if "
+                        "its sha256 matches (a mismatch names the file, the expected and the actual hash)")
+    dc.add_argument("--bundle_path", default=".", help="folder the listed paths are relative to")
+    dc.add_argument("--large_files", default="large_files.yml", help="the list, relative to --bundle_path")
+    dc.set_defaults(func=_cmd_download_checkpoints)
 
     m = sub.add_parser("demo", help="run the pipeline on the default (toy) data or $HISTODIFF_DATA")
     m.add_argument("--output_dir", default="demo_output")

@@ -128,12 +128,34 @@ class ExperimentConfig:
             raise ValueError(f"balance must be 'proportional' or 'none', got {self.balance!r}")
         if not 1.0 <= self.pool_factor <= self.max_pool_factor:
             raise ValueError(f"need 1 <= pool_factor ({self.pool_factor}) <= max_pool_factor ({self.max_pool_factor})")
-        if self.downstream_steps is not None and self.downstream_steps < 1:
-            raise ValueError(f"downstream_steps must be >= 1, got {self.downstream_steps}")
-        if any(r <= 0 for r in self.ratios) or (self.random_ratio is not None and self.random_ratio < 0):
-            raise ValueError(f"ratios must be > 0 (got {list(self.ratios)}, random_ratio {self.random_ratio})")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        self.check_stage_settings()
+
+    def check_stage_settings(self) -> None:
+        """Check every numeric setting the runner passes to a stage (its own and ``stage_overrides``) against the
+        stages' rules (:func:`monai_histodiff.engines.check_settings`) before anything runs."""
+        from monai_histodiff.engines.settings import SETTING_RULES, check_settings
+
+        optional = {k: v for k, v in (("label_fraction", self.label_fraction),
+                                      ("guidance_scale", self.guidance_scale)) if v is not None}
+        check_settings("experiment", **optional, label_per_class=self.label_per_class, val_fraction=self.val_fraction,
+                       test_per_class=self.test_per_class, min_confidence=self.min_confidence,
+                       generation_steps=self.generation_steps, downstream_steps=self.downstream_steps,
+                       downstream_epochs=self.downstream_epochs, judge_epochs=self.judge_epochs,
+                       judge_steps=self.judge_steps, sweep_per_class=self.sweep_per_class,
+                       min_latent_margin=self.min_latent_margin)
+        for ratio in [*self.ratios, *([self.random_ratio] if self.random_ratio else [])]:
+            check_settings("experiment (--ratios, --random_ratio)", ratio=ratio)
+        for seed in self.seeds:
+            check_settings("experiment (--seeds)", seed=seed)
+        for scale in self.sweep_scales:
+            check_settings("experiment (--sweep_scales)", guidance_scale=scale)
+        for steps in self.sweep_steps:
+            check_settings("experiment (--sweep_steps)", num_inference_steps=steps)
+        checked = set(SETTING_RULES) | {"counts", "guidance_window"}
+        for stage, overrides in {"every stage": self.extra, **self.stage_overrides}.items():
+            check_settings(stage, **{k: v for k, v in overrides.items() if k in checked})
 
 
 @dataclass

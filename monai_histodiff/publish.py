@@ -1,16 +1,25 @@
-"""``large_files.yml`` for the pre-trained checkpoints, in MONAI's model-zoo format, so another site downloads and
-verifies them with ``python -m monai.bundle download_large_files --bundle_path .`` (sha256 checked)."""
+"""``large_files.yml`` for the pre-trained checkpoints, in MONAI's model-zoo format, and their download at a new site.
+
+The pre-training site writes the file (:func:`write_large_files`); a new site fetches the checkpoints with
+``python -m monai_histodiff download-checkpoints --bundle_path .`` (:func:`download_checkpoints`), which keeps a file
+only when its sha256 matches and otherwise names the file, the expected and the actual hash. MONAI's
+``python -m monai.bundle download_large_files`` reads the same file and refuses a mismatch too, without the actual
+hash in its message.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import yaml
+from monai.apps import download_url
 
 from monai_histodiff.handlers.checkpoint import file_sha256, load_checkpoint
 
-__all__ = ["PRETRAINED", "write_large_files"]
+__all__ = ["PRETRAINED", "ChecksumMismatchError", "write_large_files", "download_checkpoints"]
 
 PRETRAINED = ("pretrain_autoencoder/autoencoder.pt", "pretrain_diffusion/diffusion.pt")
 
@@ -41,3 +50,65 @@ def write_large_files(runs: str | os.PathLike, url_base: str, output: str | os.P
                         *notes]) + "\n"
     output.write_text(header + yaml.safe_dump({"large_files": entries}, sort_keys=False))
     return output
+
+
+class ChecksumMismatchError(RuntimeError):
+    """A checkpoint whose sha256 differs from the one its ``large_files.yml`` lists; nothing of it is used."""
+
+
+def _verify(path: Path, entry: dict[str, Any], source: str) -> None:
+    """Raise :class:`ChecksumMismatchError` naming ``path``, the expected and the actual hash when they differ."""
+    expected = str(entry.get("hash_val") or "").lower()
+    if (entry.get("hash_type") or "sha256").lower() != "sha256" or not expected:
+        raise ValueError(f"large_files.yml entry {entry.get('path')!r} must give a sha256 hash_val (hash_type "
+                         f"{entry.get('hash_type')!r}, hash_val {entry.get('hash_val')!r})")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ChecksumMismatchError(f"{source} {path}: sha256 {actual} but large_files.yml expects {expected}; the "
+                                    "file is corrupt, truncated or not the published checkpoint: not used")
+
+
+def download_checkpoints(bundle_path: str | os.PathLike = ".", large_files: str = "large_files.yml",
+                         progress: bool = True) -> list[Path]:
+    """Fetch every file ``large_files.yml`` lists into ``bundle_path`` and keep it only if its sha256 matches.
+
+    A file already in place is verified, not fetched again. A download goes to a temporary name beside its target
+    and is moved into place only after its hash matched, so a mismatch or an interrupted download never leaves a
+    file that a stage would read.
+
+    Args:
+        bundle_path: the folder the entries' ``path`` values are relative to (the bundles' root).
+        large_files: the list, relative to ``bundle_path`` (as written by :func:`write_large_files`).
+        progress: show MONAI's download progress bar.
+
+    Returns:
+        The verified files.
+
+    Raises:
+        ChecksumMismatchError: a file's sha256 differs (message: file, actual and expected hash).
+    """
+    root = Path(bundle_path)
+    listing = root / large_files
+    entries = (yaml.safe_load(listing.read_text()) or {}).get("large_files")
+    if not entries:
+        raise ValueError(f"{listing} lists no large_files")
+    done = []
+    for entry in entries:
+        target = root / entry["path"]
+        if target.is_file():
+            _verify(target, entry, "existing file")
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".download")
+            partial.unlink(missing_ok=True)
+            with warnings.catch_warnings():  # MONAI warns that no hash is given: the hash is checked below
+                warnings.filterwarnings("ignore", message="No hash value provided")
+                download_url(entry["url"], partial, hash_val=None, progress=progress)
+            try:
+                _verify(partial, entry, f"download of {entry['url']} for")
+            except ChecksumMismatchError as err:
+                partial.unlink(missing_ok=True)
+                raise ChecksumMismatchError(str(err).replace(f"{partial}:", f"{target}:")) from None
+            os.replace(partial, target)
+        done.append(target)
+    return done

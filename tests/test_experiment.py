@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -68,6 +69,22 @@ def test_a_split_with_a_group_on_two_sides_stops_the_run(tmp_path):
     write_datalist(split, tmp_path / "split.json")
     with pytest.raises(ValueError, match="g1"):
         run_experiment(ExperimentConfig(output_dir=str(tmp_path), seeds=(0,)))
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"stage_overrides": {"generate": {"guidance_scale": -2}}}, "generate: 1 setting"),
+    ({"extra": {"batch_size": 0}}, "every stage: 1 setting"),
+    ({"ratios": (0.5, 0.0)}, "--ratio=0.0"),
+    ({"seeds": (0, -1)}, "--seed=-1"),
+    ({"sweep_steps": (50, 0)}, "--num_inference_steps=0"),
+    ({"downstream_steps": 0, "label_fraction": 1.5}, "experiment: 2 settings"),
+])
+def test_bad_settings_stop_the_runner_before_any_stage(tmp_path, settings, named):
+    """``--set STAGE.KEY=VALUE`` and the runner's own numbers meet the stages' rules when the run is configured, not
+    after an hour of pre-training."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ExperimentConfig(output_dir=str(tmp_path / "run"), **settings)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_judge_is_fire_walled_from_every_stage_but_evaluate(tmp_path):

@@ -144,3 +144,14 @@ from monai_histodiff.engines.generation import (  # noqa: E402
 
 __all__ += ["MANIFEST_FIELDS", "GuidedTileGenerator", "merge_manifests", "read_manifest", "tile_filename", "tile_seed"]
 # --- end guided tile generation ---
+
+# --- stage settings: numeric ranges checked before a stage does any work ---
+from monai_histodiff.engines.settings import (  # noqa: E402
+    SETTING_RULES,
+    InvalidSettingError,
+    SettingRule,
+    check_settings,
+)
+
+__all__ += ["SETTING_RULES", "InvalidSettingError", "SettingRule", "check_settings"]
+# --- end stage settings ---

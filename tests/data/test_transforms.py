@@ -90,3 +90,14 @@ def test_exif_rotated_jpeg_is_turned_upright(tmp_path, orientation, undo, k):
     np.testing.assert_array_equal(out, np.rot90(decoded, k))
     assert np.abs(out.astype(int) - upright.astype(int)).mean() < 4  # JPEG loss only, not a turned tile
     assert out[:6, :4, 0].mean() > 200 and out[:6, :4, 1].mean() < 60  # the marker is back at the top left
+
+
+def test_tile_far_smaller_than_image_size_is_resized(tmp_path):
+    """A stage's transforms bring an 8 px tile to image_size (upsampled; its colours kept), so it trains, not fails;
+    ``scan_images(min_size=...)`` reports such tiles when a site wants them out."""
+    rgb = _seeded_rgb(8, 8)
+    Image.fromarray(rgb).save(tmp_path / "tiny.png")
+    out = tile_transforms(64)({"image": str(tmp_path / "tiny.png")})["image"]
+    assert out.shape == (3, 64, 64)
+    up = to_uint8_image(out)
+    np.testing.assert_allclose(up[::8, ::8].astype(float), rgb.astype(float), atol=2)  # each source pixel a block
