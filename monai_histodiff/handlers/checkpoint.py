@@ -333,7 +333,9 @@ class StageCheckpointHandler:
     when training completes, and ``last.pt`` again when the run is interrupted (KeyboardInterrupt or another error,
     except a non-finite loss: weights that produced NaN are not saved over good ones). With ``resume=True`` the
     objects and the engine's epoch/iteration counters are restored from ``last.pt`` when the run starts, so training
-    continues the iteration count instead of restarting. Only rank 0 writes files.
+    continues the iteration count instead of restarting. Only rank 0 writes files. From start to end (or failure) the
+    run holds ``<save_dir>/.lock`` (:class:`~monai_histodiff.engines.locking.OutputLock`): a second run of the stage
+    into the same folder stops at its start with a message naming the holder's pid, never two writers on one file.
 
     Args:
         save_dir: folder of the checkpoints.
@@ -361,6 +363,7 @@ class StageCheckpointHandler:
         self.save_interval = int(save_interval)
         self.resume = resume
         self._completed = 0  # last iteration whose update finished (ignite counts an iteration when it starts)
+        self._lock = None
 
     @property
     def last_path(self) -> Path:
@@ -371,6 +374,7 @@ class StageCheckpointHandler:
         return dict(m or {})
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.acquire_lock)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         if self.save_interval > 0:
@@ -378,7 +382,23 @@ class StageCheckpointHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._mark_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
+        engine.add_event_handler(Events.COMPLETED, self.release_lock)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.on_exception)
+
+    def acquire_lock(self, engine: Engine) -> None:
+        """Take ``<save_dir>/.lock`` on rank 0 (the rank that writes); raises ``OutputLockedError`` naming the pid
+        of a live run holding it, takes over the lock of a run that was killed."""
+        from monai_histodiff.engines.locking import OutputLock
+
+        if _is_main_process() and self._lock is None:
+            stage = self.meta.get("stage") if isinstance(self.meta, Mapping) else None
+            self._lock = OutputLock(self.save_dir, owner=f"stage {stage!r}" if stage else "this training run").acquire()
+
+    def release_lock(self, engine: Engine | None = None) -> None:
+        """Give the lock back (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def load(self, engine: Engine) -> None:
         if not self.last_path.is_file():
@@ -421,10 +441,13 @@ class StageCheckpointHandler:
             engine.logger.info(f"final checkpoint: {self.save_dir / self.final_name}")
 
     def on_exception(self, engine: Engine, e: Exception) -> None:
-        if not isinstance(e, FloatingPointError) and self._completed > 0:
-            self._save(engine, self.last_path, iteration=self._completed)
-            if _is_main_process():
-                engine.logger.warning(f"run interrupted ({type(e).__name__}); progress saved to {self.last_path}")
+        try:
+            if not isinstance(e, FloatingPointError) and self._completed > 0:  # 0 also when the lock was refused
+                self._save(engine, self.last_path, iteration=self._completed)
+                if _is_main_process():
+                    engine.logger.warning(f"run interrupted ({type(e).__name__}); progress saved to {self.last_path}")
+        finally:
+            self.release_lock()
         raise e
 
 

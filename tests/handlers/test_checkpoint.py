@@ -40,6 +40,7 @@ def test_interrupt_saves_and_resume_continues(tmp_path):
         engine.run([0] * 3, max_epochs=3)
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["engine"]["iteration"] == 4  # nothing lost: progress up to the interrupted iteration
+    assert not (tmp_path / ".lock").exists()  # an interrupted run gives its lock back
     assert torch.equal(saved["state"]["model"]["weight"], model.weight.detach())
     model2 = torch.nn.Linear(2, 1)
     opt2 = torch.optim.SGD(model2.parameters(), 0.1)
@@ -51,6 +52,42 @@ def test_interrupt_saves_and_resume_continues(tmp_path):
     engine2.run([0] * 3, max_epochs=3)
     assert seen == [5, 6, 7, 8, 9] and (tmp_path / "m.pt").is_file()
     assert load_checkpoint(tmp_path / "m.pt")["engine"]["iteration"] == 9
+
+
+def test_second_training_run_on_the_same_folder_is_refused(tmp_path):
+    """One writer per stage folder: while a live process holds ``<save_dir>/.lock`` a second run stops at its start,
+    naming that pid, and writes nothing; the lock is held while training and given back at the end."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from monai_histodiff.engines.locking import OutputLockedError
+
+    first = tmp_path / "m.pt"
+    first.write_bytes(b"the first run's checkpoint")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        model = torch.nn.Linear(2, 1)
+        engine = _engine(model, torch.optim.SGD(model.parameters(), 0.1))
+        StageCheckpointHandler(tmp_path, {"model": model}, meta={"stage": "finetune"}, final_name="m.pt").attach(engine)
+        with pytest.raises(OutputLockedError, match=rf"in use by process {holder.pid}.*stage 'finetune' refuses"):
+            engine.run([0] * 2, max_epochs=2)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "m.pt"]
+        assert first.read_bytes() == b"the first run's checkpoint"
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over by the next run; during the run the lock names its process
+    engine = _engine(model, torch.optim.SGD(model.parameters(), 0.1))
+    StageCheckpointHandler(tmp_path, {"model": model}, meta={"stage": "finetune"}, final_name="m.pt").attach(engine)
+    held = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: held.append((tmp_path / ".lock").read_text().split()[0]))
+    with pytest.warns(UserWarning, match=f"process {holder.pid} that held it no longer runs"):
+        engine.run([0] * 2, max_epochs=2)
+    assert set(held) == {str(os.getpid())} and not (tmp_path / ".lock").exists()
+    assert load_checkpoint(first)["engine"]["iteration"] == 4
 
 
 def test_resume_without_checkpoint_is_clear_error(tmp_path):
