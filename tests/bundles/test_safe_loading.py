@@ -123,6 +123,32 @@ def test_bundle_refuses_crafted_last_checkpoint_on_resume(toy_unlabeled, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("checkpoint, stage, bundle", [
+    ("pretrain_diffusion/diffusion.pt", "pretrain_diffusion", "generate"),
+    ("finetune/decoder_ft.pt", "finetune", "generate"),
+    ("train_latent_classifier/latent_classifier.pt", "train_latent_classifier", "generate"),
+    ("train_aux_classifier/aux_classifier.pt", "train_aux_classifier", "finetune"),
+    ("train_downstream/classifier.pt", "train_downstream", "evaluate"),
+])
+def test_bundles_refuse_each_crafted_model_checkpoint(toy_labeled_site, tmp_path, checkpoint, stage, bundle):
+    """Each kind of model file a stage reads (diffusion, fine-tuned decoder, both classifiers, the downstream
+    classifier), given to the stage that reads it through ``python -m monai.bundle run``: refused, payload never run,
+    and the stage's own output folder not written."""
+    site = tmp_path / "site"
+    shutil.copytree(toy_labeled_site, site)
+    marker = _crafted_checkpoint(site / checkpoint, stage)
+    before = {p for p in site.rglob("*")}
+    out = _refused_run([f"bundles/{bundle}.json", *SMALL], dataset_dir=str(site / "labeled"),
+                       output_dir=str(site), label_per_class=8, val_fraction=0.25, num_workers=0, ratio=0.25,
+                       max_epochs=1) if bundle != "evaluate" else _refused_run(
+        [f"bundles/{bundle}.json", *SMALL], output_dir=str(site))
+    assert "UnsafeCheckpointError" in out and f"refused to load {site / checkpoint}" in out, out[-2000:]
+    assert re.search(rf"refused to load {re.escape(str(site / checkpoint))} \(read by \w+", out)  # the reader named
+    assert not marker.exists()
+    written = {p for p in site.rglob("*")} - before
+    assert not [p for p in written if p.is_file() and p.suffix in (".pt", ".png", ".jsonl")], sorted(written)
+
+
 def test_pretrained_outputs_hold_only_safe_values(pretrained):
     """Everything the pre-training stages wrote (checkpoints, last.pt, latent cache) loads with weights_only=True."""
     files = sorted(pretrained.rglob("*.pt"))
