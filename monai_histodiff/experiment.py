@@ -316,7 +316,10 @@ def _prepare_ablation(cfg: ExperimentConfig, main: Path) -> Path:
         src, dst = main / rel, out / rel
         if src.is_file() and not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            if rel == "split.json":  # its image paths are relative to its folder: rewritten for the new one
+                write_datalist(load_datalist(src), dst)
+            else:
+                shutil.copy2(src, dst)
     return out
 
 

@@ -13,6 +13,7 @@ from monai_histodiff.data import load_datalist, write_datalist
 from monai_histodiff.experiment import (
     ExperimentConfig,
     ExperimentError,
+    _prepare_ablation,
     _Stages,
     experiment_rows,
     paired_differences,
@@ -85,6 +86,23 @@ def test_bad_settings_stop_the_runner_before_any_stage(tmp_path, settings, named
     with pytest.raises(ValueError, match=re.escape(named)):
         ExperimentConfig(output_dir=str(tmp_path / "run"), **settings)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("ablation", ["no_finetune", "no_pretrain"])
+def test_ablation_folder_reads_the_main_split(tmp_path, ablation):
+    """An ablation runs one folder deeper on the main run's split: its copy of split.json must name the same tiles
+    (paths in a datalist are relative to its file; a byte copy would point one level off)."""
+    tiles = tmp_path / "data"
+    tiles.mkdir()
+    for name in ("a.png", "b.png"):
+        (tiles / name).write_bytes(b"tile")
+    main = tmp_path / "run"
+    write_datalist({"classes": ["x", "y"], "training": [{"image": str(tiles / "a.png"), "label": 0}],
+                    "validation": [], "test": [{"image": str(tiles / "b.png"), "label": 1}]}, main / "split.json")
+    out = _prepare_ablation(ExperimentConfig(output_dir=str(main), ablation=ablation), main)
+    assert out == main / f"ablation_{ablation}"
+    copy = load_datalist(out / "split.json")
+    assert [it["image"] for it in copy["training"] + copy["test"]] == [str(tiles / "a.png"), str(tiles / "b.png")]
 
 
 def test_the_judge_is_fire_walled_from_every_stage_but_evaluate(tmp_path):
