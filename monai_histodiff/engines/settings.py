@@ -143,7 +143,7 @@ SETTING_RULES: dict[str, SettingRule] = {
     "judge_epochs": _count(),
     "judge_steps": _count(),
     "sweep_per_class": _count(),
-    "min_latent_margin": _fraction(high_open=True),
+    "min_latent_margin": SettingRule(low=-1, high=1, high_open=True, note="-1: the check never stops the run"),
 }
 
 
