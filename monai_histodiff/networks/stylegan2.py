@@ -123,6 +123,16 @@ def _randn(
     return torch.stack(noise).to(like.device)
 
 
+def _block_channels(image_size: int, channel_base: int, channel_max: int) -> dict[int, int]:
+    """Channels per resolution ``4, 8, ..., image_size``: ``min(channel_base // r, channel_max)`` (StyleGAN2's rule,
+    shared by the generator and the discriminator); raises when some block would get no channel."""
+    if channel_base // image_size < 1:
+        raise ValueError(
+            f"channel_base ({channel_base}) must be >= image_size ({image_size}) so that every block has a channel."
+        )
+    return {2**i: min(channel_base // 2**i, channel_max) for i in range(2, int(math.log2(image_size)) + 1)}
+
+
 def _blur_kernel(channels: int, like: torch.Tensor) -> torch.Tensor:
     """Depthwise ``[1, 3, 3, 1]`` binomial low-pass kernel of shape ``(channels, 1, 4, 4)``, normalised to sum 1."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=like.dtype, device=like.device)
@@ -680,12 +690,8 @@ class ConditionalStyleGAN2Generator(nn.Module):
         self.channel_base = _check_int("channel_base", channel_base)
         self.channel_max = _check_int("channel_max", channel_max)
         self.out_channels = _check_int("out_channels", out_channels)
-        if channel_base // image_size < 1:
-            raise ValueError(
-                f"channel_base ({channel_base}) must be >= image_size ({image_size}) so that every block has a channel."
-            )
-        self.resolutions = [2**i for i in range(2, int(math.log2(image_size)) + 1)]
-        self.channels = {r: min(channel_base // r, channel_max) for r in self.resolutions}
+        self.channels = _block_channels(image_size, channel_base, channel_max)
+        self.resolutions = list(self.channels)
         self.num_ws = 2 * int(math.log2(image_size)) - 2
 
         self.mapping = MappingNetwork(
@@ -865,12 +871,8 @@ class ConditionalStyleGAN2Discriminator(nn.Module):
         self.in_channels = _check_int("in_channels", in_channels)
         self.channel_base = _check_int("channel_base", channel_base)
         self.channel_max = _check_int("channel_max", channel_max)
-        if channel_base // image_size < 1:
-            raise ValueError(
-                f"channel_base ({channel_base}) must be >= image_size ({image_size}) so that every block has a channel."
-            )
-        resolutions = [2**i for i in range(int(math.log2(image_size)), 1, -1)]  # image_size, ..., 4
-        self.channels = {r: min(channel_base // r, channel_max) for r in resolutions}
+        self.channels = _block_channels(image_size, channel_base, channel_max)
+        resolutions = sorted(self.channels, reverse=True)  # image_size, ..., 4
         c4 = self.channels[4]
         if c4 % mbstd_num_channels != 0:
             raise ValueError(f"mbstd_num_channels ({mbstd_num_channels}) must divide the 4 x 4 channels ({c4}).")
