@@ -155,3 +155,11 @@ from monai_histodiff.engines.settings import (  # noqa: E402
 
 __all__ += ["SETTING_RULES", "InvalidSettingError", "SettingRule", "check_settings"]
 # --- end stage settings ---
+
+# --- StyleGAN2 baseline (bundles/train_stylegan2.json, bundles/generate_stylegan2.json) ---
+from monai_histodiff.engines.generation import TileGenerator  # noqa: E402
+from monai_histodiff.engines.loading import load_stylegan2_generator  # noqa: E402
+from monai_histodiff.engines.stylegan2 import ClassGridSampler, GanTileGenerator, StyleGAN2Trainer  # noqa: E402
+
+__all__ += ["TileGenerator", "load_stylegan2_generator", "ClassGridSampler", "GanTileGenerator", "StyleGAN2Trainer"]
+# --- end StyleGAN2 baseline ---

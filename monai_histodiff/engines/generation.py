@@ -15,7 +15,9 @@ Guided tile generation: the engine behind ``bundles/generate.json``.
 :class:`~monai_histodiff.inferers.ClassifierGuidedLatentDiffusionInferer` and writes them as
 ``<output_dir>/<CLASS>/<CLASS>_<index:06d>.png`` plus one manifest row per tile. It is deterministic per tile
 (independent of batch size and of how the work is sharded over ranks), resumable after a kill, and shardable over
-ranks without coordination beyond a final barrier.
+ranks without coordination beyond a final barrier. Everything but the sampling (layout, manifest, seeds, sharding,
+resume, lock, grids) lives in :class:`TileGenerator`, which the StyleGAN2 baseline's
+:class:`~monai_histodiff.engines.stylegan2.GanTileGenerator` shares.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 __all__ = [
     "MANIFEST_FIELDS",
     "GuidedTileGenerator",
+    "TileGenerator",
     "merge_manifests",
     "read_manifest",
     "tile_filename",
@@ -139,10 +142,19 @@ def _valid_rows(output_dir: str, paths: Iterable[str]) -> dict[tuple[str, int], 
 
 
 def _write_jsonl_atomic(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write JSON lines whole (temporary file, then rename). A file that already holds exactly these lines is left
+    untouched, so that rerunning a finished stage keeps its manifests' modification times (the experiment runner
+    reuses what is newer than its inputs)."""
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -209,10 +221,19 @@ def _per_sample_sampler(scheduler: Scheduler) -> _PerSampleNoiseDDPMScheduler | 
     return _PerSampleNoiseDDPMScheduler.from_scheduler(base)  # type: ignore[return-value]
 
 
-class GuidedTileGenerator:
+class TileGenerator:
     """
-    Generate ``counts[c]`` classifier-guided synthetic tiles per class, resumably and shardably (HistoDiffusion's
-    synthesis stage, Ye et al. MICCAI 2023, Sec. 2 Eq. 7-8; the decoder is the fine-tuned ``D'``).
+    The part of a tile generation stage that does not depend on the generative model: per-tile seeds, the output
+    layout and manifest, sharding over ranks, resume after a kill, the one-writer lock, full-disk handling and the
+    class grids. :class:`GuidedTileGenerator` (HistoDiffusion) and
+    :class:`~monai_histodiff.engines.stylegan2.GanTileGenerator` (the StyleGAN2 baseline) subclass it, so that both
+    write folders that the selection, training and evaluation stages read the same way.
+
+    A subclass implements :meth:`generate_batch` (the tiles of a list of ``(class_index, index)`` pairs, each drawn
+    from the generator :meth:`tile_generator` gives it), :meth:`_settings` (the generation settings recorded in every
+    manifest row: the :data:`MANIFEST_FIELDS` other than ``file``, ``class``, ``class_index``, ``index``, ``seed`` and
+    ``confidence``) and :meth:`_models` (the networks moved to the device and put in eval mode at the start of a run);
+    optionally :meth:`_prepare`, whose result :meth:`run` passes to every :meth:`generate_batch` call.
 
     Output layout::
 
@@ -222,12 +243,9 @@ class GuidedTileGenerator:
         output_dir/grids/<CLASS>.png                   the first up to 16 tiles of the class
 
     Determinism. Tile ``index`` of class ``c`` gets its own CPU ``torch.Generator`` seeded with
-    :func:`tile_seed` ``(seed, c, index)``; it draws the tile's initial noise ``z_T`` and then, for DDPM or DDIM with
-    ``eta > 0``, the tile's noise of every sampling step (the scheduler is wrapped so that each sample of a batch
-    draws from its own generator). A tile therefore does not depend on the batch size, on which other tiles share
-    its batch, or on the rank that makes it, up to the floating-point behaviour of the networks for different batch
-    sizes (bit-exact on CPU in the tests; GPU kernels chosen per batch size may differ in the last bits, rarely
-    changing a pixel after rounding to uint8). Noise is drawn on CPU, so it is the same on every device.
+    :func:`tile_seed` ``(seed, c, index)`` (:meth:`tile_generator`), from which a subclass draws all of the tile's
+    randomness; a tile therefore does not depend on the batch size, on which other tiles share its batch, or on the
+    rank that makes it, up to the floating-point behaviour of the networks for different batch sizes.
 
     Sharding. The work list is every ``(class, index)`` pair, classes in ``class_names`` order and indices
     ascending; rank ``r`` of ``W`` takes the pairs whose position ``p`` satisfies ``p % W == r``. ``rank`` and
@@ -248,25 +266,12 @@ class GuidedTileGenerator:
     partial tile is removed, finished tiles and their rows are intact, and a rerun completes the rest.
 
     Args:
-        inferer: the guided inferer (holds ``scale_factor``).
-        autoencoder: first-stage model whose decoder is the fine-tuned ``D'``.
-        diffusion_model: the unconditional latent diffusion model.
-        classifier: time-conditioned latent classifier ``classifier(z_t, timesteps) -> logits``.
-        scheduler: DDPM or DDIM scheduler (MONAI's or respaced); ``set_timesteps(num_inference_steps)`` is called
-            on it.
-        num_inference_steps: number of sampling steps.
         class_names: class names in label-index order (also the folder and file name prefixes).
         counts: tiles to generate per class, ``{name: count}`` (missing names: 0) or one count per class.
-        latent_shape: ``[C, h, w]`` of the diffusion model's latents.
         output_dir: the output folder.
-        guidance_scale: classifier guidance scale ``g`` (0: unguided).
-        guidance_window: ``(t_min, t_max)``; guide only those timesteps (all when None).
-        eta: DDIM stochasticity (ignored by DDPM).
-        batch_size: tiles per sampling batch.
+        batch_size: tiles per batch.
         seed: base seed of :func:`tile_seed`.
-        device: device to sample on; CUDA when available if None.
-        amp: run the diffusion model under autocast.
-        classifier_batch_size: micro-batch of the guidance gradient (and of the confidence).
+        device: device to generate on; CUDA when available if None.
         checkpoint_hashes: hashes of the checkpoints used, recorded in every row.
         rank: this process's shard; from ``torch.distributed`` (else 0) when None.
         world_size: number of shards; from ``torch.distributed`` (else 1) when None.
@@ -274,27 +279,18 @@ class GuidedTileGenerator:
         grid_size: number of tiles in each class's sample grid (0: no grids).
     """
 
+    #: the stage's name, in the lock's owner and the progress bar.
+    stage = "generate"
+
     def __init__(
         self,
         *,
-        inferer: ClassifierGuidedLatentDiffusionInferer,
-        autoencoder: torch.nn.Module,
-        diffusion_model: torch.nn.Module,
-        classifier: torch.nn.Module,
-        scheduler: Scheduler,
-        num_inference_steps: int,
         class_names: Sequence[str],
         counts: Mapping[str, int] | Sequence[int],
-        latent_shape: Sequence[int],
         output_dir: str | os.PathLike,
-        guidance_scale: float = 1.0,
-        guidance_window: Sequence[int] | None = None,
-        eta: float = 0.0,
         batch_size: int = 16,
         seed: int = 0,
         device: str | torch.device | None = None,
-        amp: bool = False,
-        classifier_batch_size: int | None = None,
         checkpoint_hashes: Mapping[str, str] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
@@ -308,34 +304,19 @@ class GuidedTileGenerator:
             if not name or name in (".", "..") or "/" in name or os.sep in name:
                 raise ValueError(f"class name {name!r} cannot be used as a folder name.")
         self.counts = self._resolve_counts(counts, self.class_names)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.latent_shape = tuple(int(s) for s in latent_shape)
         is_dist = dist.is_available() and dist.is_initialized()
         self.rank = int(rank) if rank is not None else (dist.get_rank() if is_dist else 0)
         self.world_size = int(world_size) if world_size is not None else (dist.get_world_size() if is_dist else 1)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}.")
-
-        self.inferer = inferer
-        self.autoencoder = autoencoder
-        self.diffusion_model = diffusion_model
-        self.classifier = classifier
-        self.scheduler = scheduler
-        self.num_inference_steps = int(num_inference_steps)
         self.output_dir = os.fspath(output_dir)
-        self.guidance_scale = float(guidance_scale)
-        self.guidance_window = None if guidance_window is None else (int(guidance_window[0]), int(guidance_window[1]))
-        self.eta = float(eta)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
-        self.amp = bool(amp)
-        self.classifier_batch_size = classifier_batch_size
         self.checkpoint_hashes = dict(checkpoint_hashes or {})
         self.progress = progress
         self.grid_size = int(grid_size)
@@ -383,15 +364,34 @@ class GuidedTileGenerator:
         """Absolute path of a tile."""
         return os.path.join(self.output_dir, tile_filename(self.class_names[class_index], index))
 
+    def tile_generator(self, class_index: int, index: int) -> torch.Generator:
+        """The CPU generator of one tile, seeded with :func:`tile_seed` ``(seed, class_index, index)``: every random
+        draw of the tile comes from it."""
+        return torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, class_index, index))
+
     def _settings(self) -> dict[str, Any]:
-        return {
-            "guidance_scale": self.guidance_scale,
-            "guidance_window": None if self.guidance_window is None else list(self.guidance_window),
-            "steps": self.num_inference_steps,
-            "scheduler": type(self.scheduler).__name__,
-            "eta": self.eta,
-            "checkpoint_hashes": self.checkpoint_hashes,
-        }
+        """The generation settings recorded in every manifest row (and compared on resume)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _settings().")
+
+    def _models(self) -> Sequence[torch.nn.Module]:
+        """The networks that :meth:`run` moves to ``device`` and puts in eval mode before generating."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _models().")
+
+    def _prepare(self) -> Any:
+        """Per-run state passed to every :meth:`generate_batch` call of :meth:`run` (None by default)."""
+        return None
+
+    def generate_batch(
+        self, pairs: Sequence[tuple[int, int]], context: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Make the tiles ``pairs`` (``(class_index, index)``) in one batch.
+
+        Returns:
+            the tiles ``[B, 3, H, W]`` in ``[-1, 1]`` (on CPU, float32) and a per-tile confidence ``[B]`` recorded in
+            the manifest, or None when the model has no such score (recorded as ``null``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement generate_batch().")
 
     def _scan_done(self) -> dict[tuple[str, int], dict[str, Any]]:
         """Tiles done on disk (row and PNG); rewrites this rank's manifest with only its valid rows."""
@@ -401,55 +401,6 @@ class GuidedTileGenerator:
         if os.path.exists(self.manifest_path):
             _write_jsonl_atomic(self.manifest_path, (own[k] for k in sorted(own)))
         return done
-
-    # ------------------------------------------------------------------ sampling
-    def _sampler(self) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
-        self.scheduler.set_timesteps(self.num_inference_steps)
-        return _per_sample_sampler(self.scheduler)
-
-    @torch.no_grad()
-    def generate_batch(
-        self, pairs: Sequence[tuple[int, int]], sampler: Scheduler | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Sample the tiles ``pairs`` (``(class_index, index)``) in one batch.
-
-        Returns:
-            the decoded tiles ``[B, 3, H, W]`` (on CPU, float32) and the classifier's softmax probability of each
-            requested class at ``t = 0`` on the final latent, ``[B]`` (the latent the inferer returns, i.e. after its
-            crop to ``autoencoder_latent_shape`` when that is set).
-        """
-        sampler = sampler if sampler is not None else self._sampler()
-        generators = [torch.Generator(device="cpu").manual_seed(tile_seed(self.seed, c, i)) for c, i in pairs]
-        noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
-        labels = torch.tensor([c for c, _ in pairs], dtype=torch.long, device=self.device)
-        sampler.sample_generators = generators  # type: ignore[union-attr]
-        try:
-            images, latents = self.inferer.sample(
-                input_noise=noise,
-                autoencoder_model=_unwrap(self.autoencoder),
-                diffusion_model=_unwrap(self.diffusion_model),
-                classifier=_unwrap(self.classifier),
-                labels=labels,
-                scheduler=sampler,
-                guidance_scale=self.guidance_scale,
-                guidance_window=self.guidance_window,
-                classifier_batch_size=self.classifier_batch_size,
-                eta=self.eta,
-                verbose=False,
-                generator=None,
-                return_latents=True,
-                amp=self.amp,
-            )
-        finally:
-            sampler.sample_generators = None  # type: ignore[union-attr]
-        classifier = _unwrap(self.classifier)
-        size = self.classifier_batch_size or latents.shape[0]
-        probs = []
-        for z, y in zip(latents.float().split(size), labels.split(size)):
-            t0 = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-            probs.append(torch.softmax(classifier(z, t0).float(), dim=-1).gather(1, y[:, None])[:, 0])
-        return images.float().cpu(), torch.cat(probs).cpu()
 
     def _write_tile(self, image: torch.Tensor, path: str) -> None:
         """Write one PNG whole (temporary file, then rename); a failed write leaves no partial file, and a full disk
@@ -492,7 +443,7 @@ class GuidedTileGenerator:
             OutputLockedError: another live process is generating this rank's share into ``output_dir`` (its pid is
                 named); see :class:`~monai_histodiff.engines.locking.OutputLock`.
         """
-        with OutputLock(self.output_dir, self.lock_name, owner=f"generate (rank {self.rank})"):
+        with OutputLock(self.output_dir, self.lock_name, owner=f"{self.stage} (rank {self.rank})"):
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -507,21 +458,22 @@ class GuidedTileGenerator:
             if (self.class_names[c], i) in done:
                 per_class_skipped[self.class_names[c]] += 1
 
-        for model in (self.autoencoder, self.diffusion_model, self.classifier):
+        for model in self._models():
             model.to(self.device).eval()
-        sampler = self._sampler()
+        context = self._prepare()
         settings = self._settings()
         bar = None
         if self.progress and has_tqdm:
-            bar = tqdm(total=len(todo), desc=f"generate (rank {self.rank})", unit="tile")
+            bar = tqdm(total=len(todo), desc=f"{self.stage} (rank {self.rank})", unit="tile")
         generated = 0
         try:
             with open(self.manifest_path, "a", encoding="utf-8") as manifest:
                 for b in range(0, len(todo), self.batch_size):
                     pairs = todo[b : b + self.batch_size]
-                    images, confidence = self.generate_batch(pairs, sampler)
+                    images, confidence = self.generate_batch(pairs, context)
+                    scores = [None] * len(pairs) if confidence is None else [float(v) for v in confidence.tolist()]
                     rows = []
-                    for (c, i), image, conf in zip(pairs, images, confidence.tolist()):
+                    for (c, i), image, conf in zip(pairs, images, scores):
                         self._write_tile(image, self.tile_path(c, i))
                         rows.append(
                             {
@@ -531,7 +483,7 @@ class GuidedTileGenerator:
                                 "index": i,
                                 "seed": tile_seed(self.seed, c, i),
                                 **settings,
-                                "confidence": float(conf),
+                                "confidence": conf,
                             }
                         )
                     try:  # a line cut here (kill, full disk) is dropped and its tile redone on the next run
@@ -580,8 +532,8 @@ class GuidedTileGenerator:
                 changed += 1
         if changed:
             logger.warning(
-                f"{changed} existing tile(s) in {self.output_dir} were made with other settings (seed, guidance, "
-                "scheduler, steps, eta or checkpoints); they are kept, not regenerated. Use a new output_dir to redo "
+                f"{changed} existing tile(s) in {self.output_dir} were made with other settings "
+                f"({', '.join(['seed', *settings])}); they are kept, not regenerated. Use a new output_dir to redo "
                 "them."
             )
 
@@ -625,3 +577,168 @@ class GuidedTileGenerator:
             os.replace(tmp, out)
             written.append(out)
         return written
+
+
+class GuidedTileGenerator(TileGenerator):
+    """
+    Generate ``counts[c]`` classifier-guided synthetic tiles per class, resumably and shardably (HistoDiffusion's
+    synthesis stage, Ye et al. MICCAI 2023, Sec. 2 Eq. 7-8; the decoder is the fine-tuned ``D'``).
+
+    Layout, manifest, sharding, resume, lock and full-disk behaviour: see :class:`TileGenerator`.
+
+    Determinism. Tile ``index`` of class ``c`` gets its own CPU ``torch.Generator`` seeded with
+    :func:`tile_seed` ``(seed, c, index)``; it draws the tile's initial noise ``z_T`` and then, for DDPM or DDIM with
+    ``eta > 0``, the tile's noise of every sampling step (the scheduler is wrapped so that each sample of a batch
+    draws from its own generator). A tile therefore does not depend on the batch size, on which other tiles share
+    its batch, or on the rank that makes it, up to the floating-point behaviour of the networks for different batch
+    sizes (bit-exact on CPU in the tests; GPU kernels chosen per batch size may differ in the last bits, rarely
+    changing a pixel after rounding to uint8). Noise is drawn on CPU, so it is the same on every device.
+
+    Args:
+        inferer: the guided inferer (holds ``scale_factor``).
+        autoencoder: first-stage model whose decoder is the fine-tuned ``D'``.
+        diffusion_model: the unconditional latent diffusion model.
+        classifier: time-conditioned latent classifier ``classifier(z_t, timesteps) -> logits``.
+        scheduler: DDPM or DDIM scheduler (MONAI's or respaced); ``set_timesteps(num_inference_steps)`` is called
+            on it.
+        num_inference_steps: number of sampling steps.
+        class_names: class names in label-index order (also the folder and file name prefixes).
+        counts: tiles to generate per class, ``{name: count}`` (missing names: 0) or one count per class.
+        latent_shape: ``[C, h, w]`` of the diffusion model's latents.
+        output_dir: the output folder.
+        guidance_scale: classifier guidance scale ``g`` (0: unguided).
+        guidance_window: ``(t_min, t_max)``; guide only those timesteps (all when None).
+        eta: DDIM stochasticity (ignored by DDPM).
+        batch_size: tiles per sampling batch.
+        seed: base seed of :func:`tile_seed`.
+        device: device to sample on; CUDA when available if None.
+        amp: run the diffusion model under autocast.
+        classifier_batch_size: micro-batch of the guidance gradient (and of the confidence).
+        checkpoint_hashes: hashes of the checkpoints used, recorded in every row.
+        rank: this process's shard; from ``torch.distributed`` (else 0) when None.
+        world_size: number of shards; from ``torch.distributed`` (else 1) when None.
+        progress: show a tqdm progress bar over this rank's tiles.
+        grid_size: number of tiles in each class's sample grid (0: no grids).
+    """
+
+    stage = "generate"
+
+    def __init__(
+        self,
+        *,
+        inferer: ClassifierGuidedLatentDiffusionInferer,
+        autoencoder: torch.nn.Module,
+        diffusion_model: torch.nn.Module,
+        classifier: torch.nn.Module,
+        scheduler: Scheduler,
+        num_inference_steps: int,
+        class_names: Sequence[str],
+        counts: Mapping[str, int] | Sequence[int],
+        latent_shape: Sequence[int],
+        output_dir: str | os.PathLike,
+        guidance_scale: float = 1.0,
+        guidance_window: Sequence[int] | None = None,
+        eta: float = 0.0,
+        batch_size: int = 16,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        classifier_batch_size: int | None = None,
+        checkpoint_hashes: Mapping[str, str] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        progress: bool = True,
+        grid_size: int = 16,
+    ) -> None:
+        super().__init__(
+            class_names=class_names,
+            counts=counts,
+            output_dir=output_dir,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            checkpoint_hashes=checkpoint_hashes,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+            grid_size=grid_size,
+        )
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}.")
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.inferer = inferer
+        self.autoencoder = autoencoder
+        self.diffusion_model = diffusion_model
+        self.classifier = classifier
+        self.scheduler = scheduler
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_window = None if guidance_window is None else (int(guidance_window[0]), int(guidance_window[1]))
+        self.eta = float(eta)
+        self.amp = bool(amp)
+        self.classifier_batch_size = classifier_batch_size
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "guidance_scale": self.guidance_scale,
+            "guidance_window": None if self.guidance_window is None else list(self.guidance_window),
+            "steps": self.num_inference_steps,
+            "scheduler": type(self.scheduler).__name__,
+            "eta": self.eta,
+            "checkpoint_hashes": self.checkpoint_hashes,
+        }
+
+    def _models(self) -> Sequence[torch.nn.Module]:
+        return (self.autoencoder, self.diffusion_model, self.classifier)
+
+    # ------------------------------------------------------------------ sampling
+    def _sampler(self) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
+        self.scheduler.set_timesteps(self.num_inference_steps)
+        return _per_sample_sampler(self.scheduler)
+
+    def _prepare(self) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
+        return self._sampler()
+
+    @torch.no_grad()
+    def generate_batch(
+        self, pairs: Sequence[tuple[int, int]], sampler: Scheduler | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Sample the tiles ``pairs`` (``(class_index, index)``) in one batch.
+
+        Returns:
+            the decoded tiles ``[B, 3, H, W]`` (on CPU, float32) and the classifier's softmax probability of each
+            requested class at ``t = 0`` on the final latent, ``[B]`` (the latent the inferer returns, i.e. after its
+            crop to ``autoencoder_latent_shape`` when that is set).
+        """
+        sampler = sampler if sampler is not None else self._sampler()
+        generators = [self.tile_generator(c, i) for c, i in pairs]
+        noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
+        labels = torch.tensor([c for c, _ in pairs], dtype=torch.long, device=self.device)
+        sampler.sample_generators = generators  # type: ignore[union-attr]
+        try:
+            images, latents = self.inferer.sample(
+                input_noise=noise,
+                autoencoder_model=_unwrap(self.autoencoder),
+                diffusion_model=_unwrap(self.diffusion_model),
+                classifier=_unwrap(self.classifier),
+                labels=labels,
+                scheduler=sampler,
+                guidance_scale=self.guidance_scale,
+                guidance_window=self.guidance_window,
+                classifier_batch_size=self.classifier_batch_size,
+                eta=self.eta,
+                verbose=False,
+                generator=None,
+                return_latents=True,
+                amp=self.amp,
+            )
+        finally:
+            sampler.sample_generators = None  # type: ignore[union-attr]
+        classifier = _unwrap(self.classifier)
+        size = self.classifier_batch_size or latents.shape[0]
+        probs = []
+        for z, y in zip(latents.float().split(size), labels.split(size)):
+            t0 = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+            probs.append(torch.softmax(classifier(z, t0).float(), dim=-1).gather(1, y[:, None])[:, 0])
+        return images.float().cpu(), torch.cat(probs).cpu()

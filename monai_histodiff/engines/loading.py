@@ -26,6 +26,7 @@ __all__ = [
     "load_latent_classifier",
     "load_tile_classifier",
     "load_feature_extractor",
+    "load_stylegan2_generator",
     "scheduler_from_meta",
     "diffusion_meta",
     "checkpoint_classes",
@@ -145,6 +146,32 @@ def load_feature_extractor(path: str | os.PathLike, device: str | torch.device =
         return load_tile_classifier(path, device)
     raise ValueError(f"{path} (stage '{stage}') is not a classifier checkpoint: give the auxiliary classifier or the "
                      f"downstream baseline")
+
+
+def load_stylegan2_generator(path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True,
+                             image_size: int | None = None) -> torch.nn.Module:
+    """The class-conditional StyleGAN2 generator of stage ``train_stylegan2`` (the GAN baseline), rebuilt from the
+    checkpoint's ``meta["config"]["generator_args"]``: its EMA weights when stored and ``use_ema`` (warning when that
+    EMA still holds over 10% of its random initialisation), else the trained weights. With ``image_size``, a generator
+    trained at another tile size is refused, naming the file."""
+    from monai_histodiff.networks.stylegan2 import ConditionalStyleGAN2Generator
+
+    ckpt = load_checkpoint(path, stage="train_stylegan2", reader="load_stylegan2_generator")
+    args = ckpt["meta"]["config"]["generator_args"]
+    if image_size is not None and int(args["image_size"]) != int(image_size):
+        raise ValueError(f"image_size={image_size} but {path} was trained at image_size={args['image_size']}: use the "
+                         f"same size (bundles/small.json for a generator trained at the small size, none for paper "
+                         f"scale)")
+    model = ConditionalStyleGAN2Generator(**args)
+    state = ckpt["state"]
+    if use_ema and "ema" in state:
+        from monai_histodiff.handlers.ema import ema_summary_from_checkpoint, warn_if_unconverged
+
+        warn_if_unconverged(ema_summary_from_checkpoint(ckpt), str(path))
+        model.load_state_dict(state["ema"])
+    else:
+        model.load_state_dict(state["generator"])
+    return model.to(device).eval()
 
 
 def checkpoint_classes(path: str | os.PathLike) -> list[str]:

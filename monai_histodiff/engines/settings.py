@@ -129,6 +129,15 @@ SETTING_RULES: dict[str, SettingRule] = {
     "num_inference_steps": _count(),
     "guidance_scale": _non_negative(note="0: no guidance"),
     "eta": _fraction(note="0: DDIM, 1: DDPM-like noise"),
+    # the StyleGAN2 baseline (bundles/train_stylegan2.json, bundles/generate_stylegan2.json)
+    "z_dim": _count(),
+    "w_dim": _count(),
+    "channel_base": _count(note="channels of resolution r: min(channel_base // r, channel_max)"),
+    "channel_max": _count(),
+    "mapping_layers": _count(),
+    "r1_gamma": _non_negative(note="0: no R1 penalty"),
+    "r1_interval": _count(note="iterations between R1 penalties"),
+    "truncation_psi": _non_negative(note="1: no truncation, 0: the class-mean image"),
     # selection
     "percentile": SettingRule(low=0, high=100, low_open=True),
     "min_confidence": _fraction(optional=True, note="None: no confidence rule"),
