@@ -2,7 +2,8 @@
 # The real-data evidence of docs/results.md, at the CPU size (64 px): pre-training on H&E sources that exclude the
 # target set (the shared unlabeled folders plus NCT-CRC and Kather 2016 without labels), then the Table 1 protocol on
 # the LC25000 lung tiles (2% labeled, groups kept on one side, 600 test tiles per class, the rest the judge's pool)
-# with the independent judge and the guidance sweep, then the two ablations.
+# with the independent judge and the guidance sweep, for HistoDiffusion and the StyleGAN2 baseline, then the two
+# ablations.
 #   bash benchmarks/real_data_evidence.sh [OUT] [HISTOLOGY]      (run from the repository root, after `make install`)
 set -euo pipefail
 OUT=${1:-runs/lung}
@@ -32,7 +33,11 @@ echo "[evidence] autoencoder after $(( $(date +%s) - START )) s"
 echo "[evidence] diffusion after $(( $(date +%s) - START )) s"
 COMMON=(--output_dir "$OUT" --dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600
         --seeds 0 1 2 --generation_steps 50)
-$PY -m monai_histodiff experiment "${COMMON[@]}" --sweep_scales 0 0.5 1 2 4 8 --sweep_steps 50 200
+# Table 1 with both generators: HistoDiffusion and the paper's comparison system, a class-conditional StyleGAN2
+# trained on the same 144 labeled training tiles (200 epochs x 9 iterations of 16 tiles at the CPU size), each with
+# its own pool, the same selection, budget, seeds and judge, against one shared baseline
+$PY -m monai_histodiff experiment "${COMMON[@]}" --generator both --sweep_scales 0 0.5 1 2 4 8 --sweep_steps 50 200 \
+    --set train_stylegan2.max_epochs=200 --set train_stylegan2.sample_interval=20
 echo "[evidence] Table 1 after $(( $(date +%s) - START )) s"
 $PY -m monai_histodiff experiment "${COMMON[@]}" --ablation no_finetune --ratios 2.0
 echo "[evidence] ablation no_finetune after $(( $(date +%s) - START )) s"

@@ -4,7 +4,8 @@
 
 Prints: the split, the adaptation checks (latent classifier per noise bucket beside the auxiliary classifier), the
 judge, the guidance sweep (judged conditional accuracy per scale and DDIM steps, per class), the pool rounds, what
-selection kept and rejected (judged), per-class FD, Table 1 (results.md) and the ablations' tables.
+selection kept and rejected (judged), per-class FD (for each generator's pool), Table 1 (results.md) and the
+ablations' tables.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def selection_table(report: dict) -> list[str]:
     return lines
 
 
-def pool_table(report: dict) -> list[str]:
-    pool = report.get("pool") or {}
-    judged = (report.get("judge") or {}).get("pool") or {}
+def pool_table(report: dict, key: str = "pool") -> list[str]:
+    """One generator's pool (``pool``: HistoDiffusion, ``pool_stylegan2``: the GAN baseline): rounds and judge."""
+    pool = report.get(key) or {}
+    judged = (report.get("judge") or {}).get(key) or {}
     lines = []
     for i, r in enumerate(pool.get("rounds", [])):
         lines.append(f"- round {i}: generated {r['counts']}, selectable {r.get('eligible')}, largest quota {r.get('quota')}")
@@ -87,7 +89,8 @@ def main(out: str) -> None:
     report = json.loads((root / "experiment_report.json").read_text())
     sections = [("Split", split_table(root)), ("Adaptation", adaptation_table(report)),
                 ("Judge", [f"Judge test accuracy: {_f(report.get('judge_test_accuracy'))}"]),
-                ("Guidance sweep (judged)", sweep_table(report)), ("Pool", pool_table(report)),
+                ("Guidance sweep (judged)", sweep_table(report)), ("Pool (HistoDiffusion)", pool_table(report)),
+                ("Pool (StyleGAN2)", pool_table(report, "pool_stylegan2")),
                 ("Selection (judged)", selection_table(report)),
                 ("Table 1", (root / "results.md").read_text().splitlines())]
     for ablation in sorted(root.glob("ablation_*/results.md")):

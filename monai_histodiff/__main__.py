@@ -107,6 +107,7 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         pool_factor=a.pool_factor, max_pool_factor=a.max_pool_factor, balance=a.balance,
         min_confidence=a.min_confidence, min_latent_margin=a.min_latent_margin, judge=not a.no_judge,
         sweep_scales=a.sweep_scales, sweep_steps=a.sweep_steps, sweep_per_class=a.sweep_per_class,
+        generators=("histodiffusion", "stylegan2") if a.generator == "both" else (a.generator,),
         stage_overrides=_parse_settings(a.set),
     )
     run_experiment(cfg)
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep_scales", type=float, nargs="*", default=[], help="guidance scales the judge measures")
     e.add_argument("--sweep_steps", type=int, nargs="*", default=[], help="DDIM step counts the judge measures")
     e.add_argument("--sweep_per_class", type=int, default=16, help="tiles per class per sweep setting")
+    e.add_argument("--generator", choices=["histodiffusion", "stylegan2", "both"], default="histodiffusion",
+                   help="whose synthetic tiles the rows add: HistoDiffusion's, the class-conditional StyleGAN2 "
+                        "baseline's (bundles/train_stylegan2.json, trained on the same split), or both side by side")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="per-stage bundle override, repeatable (e.g. --set train_latent_classifier.lr=1e-3)")
     e.set_defaults(func=_cmd_experiment)

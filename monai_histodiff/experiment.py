@@ -14,6 +14,11 @@ evaluated on the test split. What the runner guarantees, and reports, beyond run
   train) measures what the generator makes: conditional accuracy of the pool and of what selection keeps and
   rejects, Frechet distance per class in its feature space.
 
+Generators: HistoDiffusion (the default) and the paper's comparison system, a class-conditional StyleGAN2 trained on
+the same labeled training split (``generators=("histodiffusion", "stylegan2")``); each gets its own pool, topped up
+the same way, and its own + random / + selective rows, selected by the same rule and trained under the same budget
+against the one shared baseline.
+
 Ablations of the paper's supplementary table run in ``<output_dir>/ablation_<name>/`` on the same split and judge:
 ``no_finetune`` (generate with the pre-trained decoder D instead of D') and ``no_pretrain`` (autoencoder and
 diffusion model trained on the small labeled training set only).
@@ -38,6 +43,7 @@ from monai_histodiff.data.split import check_groups_disjoint
 from monai_histodiff.pipeline import run_stage
 
 __all__ = [
+    "GENERATORS",
     "ExperimentConfig",
     "ExperimentError",
     "Row",
@@ -54,7 +60,12 @@ __all__ = [
 
 METRICS = ("fd", "accuracy", "macro_f1", "macro_sensitivity", "macro_specificity")
 STAGES = ("pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
-          "generate", "select", "train_downstream", "evaluate", "judge")
+          "generate", "train_stylegan2", "generate_stylegan2", "select", "train_downstream", "evaluate", "judge")
+#: the generators a run can compare: name -> (label in the table, generation stage, pool folder, row-folder prefix)
+GENERATORS = {
+    "histodiffusion": ("HistoDiffusion", "generate", "generate", ""),
+    "stylegan2": ("StyleGAN2", "generate_stylegan2", "generate_stylegan2", "stylegan2_"),
+}
 
 
 class ExperimentError(RuntimeError):
@@ -84,6 +95,8 @@ class ExperimentConfig:
             groups; 160 steps of 32 tiles give a 0.93-accurate judge on the lung tiles at 64 px).
         sweep_scales, sweep_steps, sweep_per_class: guidance scales x DDIM steps measured by the judge (tiles per
             class each); empty: no sweep.
+        generators: the synthetic-tile generators whose rows the table gets (:data:`GENERATORS`): HistoDiffusion,
+            the class-conditional StyleGAN2 baseline, or both.
     """
 
     output_dir: str
@@ -115,6 +128,7 @@ class ExperimentConfig:
     sweep_scales: Sequence[float] = ()
     sweep_steps: Sequence[int] = ()
     sweep_per_class: int = 16
+    generators: Sequence[str] = ("histodiffusion",)
     stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -130,6 +144,12 @@ class ExperimentConfig:
             raise ValueError(f"need 1 <= pool_factor ({self.pool_factor}) <= max_pool_factor ({self.max_pool_factor})")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        unknown = [g for g in self.generators if g not in GENERATORS]
+        if unknown or not self.generators:
+            raise ValueError(f"generators must name one or more of {list(GENERATORS)}, got {list(self.generators)}")
+        if self.ablation and "histodiffusion" not in self.generators:
+            raise ValueError(f"ablation {self.ablation!r} changes HistoDiffusion: include 'histodiffusion' in "
+                             "generators")
         self.check_stage_settings()
 
     def check_stage_settings(self) -> None:
@@ -165,19 +185,28 @@ class Row:
     name: str
     mode: str | None  # None: baseline; "random" or "selective"
     ratio: float
+    generator: str | None = None  # None: the baseline; else a key of GENERATORS
 
 
-def experiment_rows(ratios: Sequence[float], random_ratio: float | None = 0.5) -> list[Row]:
-    """Baseline, + random (one ratio), + selective at each ratio: the rows of the paper's Table 1."""
+def experiment_rows(ratios: Sequence[float], random_ratio: float | None = 0.5,
+                    generators: Sequence[str] = ("histodiffusion",)) -> list[Row]:
+    """Baseline, then per generator + random (one ratio) and + selective at each ratio: the rows of the paper's
+    Table 1. With one generator the rows are named as in the paper (``+ selective 50%``); with several, each row
+    starts with its generator's name (``StyleGAN2 + selective 50%``)."""
     rows = [Row("Baseline (real only)", None, 0.0)]
-    if random_ratio:
-        rows.append(Row(f"+ random {random_ratio:.0%}", "random", random_ratio))
-    rows += [Row(f"+ selective {r:.0%}", "selective", r) for r in ratios]
+    for generator in generators:
+        label = f"{GENERATORS[generator][0]} " if len(generators) > 1 or generator != "histodiffusion" else ""
+        if random_ratio:
+            rows.append(Row(f"{label}+ random {random_ratio:.0%}", "random", random_ratio, generator))
+        rows += [Row(f"{label}+ selective {r:.0%}", "selective", r, generator) for r in ratios]
     return rows
 
 
 def _slug(row: Row) -> str:
-    return "baseline" if row.mode is None else f"{row.mode}_{int(round(row.ratio * 100))}"
+    """The row's folder under ``rows/``: ``baseline``, ``selective_50``, ``stylegan2_selective_50``."""
+    if row.mode is None:
+        return "baseline"
+    return f"{GENERATORS[row.generator or 'histodiffusion'][3]}{row.mode}_{int(round(row.ratio * 100))}"
 
 
 class _Stages:
@@ -350,22 +379,26 @@ def _unlabeled_overrides(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
 
 
 def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list[Row], classes: list[str],
-                   real_counts: list[int], generation: dict[str, Any]) -> dict[str, Any]:
-    """Generate (and top up) one pool from which every row can fill its quota; returns the rounds' record."""
-    synthetic_dir = out / "generate"
-    max_ratio = max(r.ratio for r in rows if r.mode is not None)
+                   real_counts: list[int], generation: dict[str, Any], generator: str = "histodiffusion"
+                   ) -> dict[str, Any]:
+    """Generate (and top up) one pool of ``generator`` from which each of its rows can fill its quota; returns the
+    rounds' record. A round whose tiles already exist is not redone (the generation stages resume)."""
+    _, stage, folder, prefix = GENERATORS[generator]
+    synthetic_dir = out / folder
+    own = [r for r in rows if r.mode is not None and r.generator == generator]
+    max_ratio = max(r.ratio for r in own)
     quotas = [round(max_ratio * n) for n in real_counts]
     counts = [math.ceil(cfg.pool_factor * q) for q in quotas]
-    selective = [r for r in rows if r.mode == "selective"]
+    selective = [r for r in own if r.mode == "selective"]
     rounds = []
     while True:
-        stages("generate", log_name=f"generate_round{len(rounds)}", counts=counts,
+        stages(stage, log_name=f"{stage}_round{len(rounds)}", counts=counts,
                synthetic_dir=synthetic_dir.as_posix(), **generation)
         if not selective:
             rounds.append({"counts": dict(zip(classes, counts))})
             break
-        probe = out / "pool_check"
-        stages("select", log_name=f"pool_check_round{len(rounds)}", mode="selective", ratio=max_ratio,
+        probe = out / f"{prefix}pool_check"
+        stages("select", log_name=f"{prefix}pool_check_round{len(rounds)}", mode="selective", ratio=max_ratio,
                balance="none", synthetic_dir=synthetic_dir.as_posix(), selection_dir=probe.as_posix(),
                min_confidence=cfg.min_confidence)
         summary = _selection_summary(probe / "selection_report.json")
@@ -380,9 +413,9 @@ def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list
     short = [c for c in classes if last.get("eligible", {}).get(c, quotas[classes.index(c)]) < last["quota"][c]] \
         if "quota" in last else []
     if short:
-        print(f"[experiment] WARNING: after {len(rounds)} generation round(s) (bound {cfg.max_pool_factor}x the "
-              f"quota) class(es) {short} have fewer selectable tiles than the {max_ratio:.0%} row needs; rows that "
-              f"need them are marked short in the table", flush=True)
+        print(f"[experiment] WARNING: {GENERATORS[generator][0]}: after {len(rounds)} generation round(s) (bound "
+              f"{cfg.max_pool_factor}x the quota) class(es) {short} have fewer selectable tiles than the "
+              f"{max_ratio:.0%} row needs; rows that need them are marked short in the table", flush=True)
     return {"rounds": rounds, "max_ratio": max_ratio, "short_classes": short}
 
 
@@ -406,37 +439,49 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                "label_fraction": cfg.label_fraction, "label_per_class": cfg.label_per_class,
                "split_file": (out / "split.json").as_posix()}
 
+    diffusion = "histodiffusion" in cfg.generators
+
     # stage 1: pre-trained checkpoints (reused when present)
     if cfg.ablation == "no_pretrain":
         _pretrain_on_training_split(out, stages)
-    elif not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
+    elif diffusion and not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
         unlabeled = _unlabeled_overrides(cfg, out)
         if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
             stages("pretrain_autoencoder", **unlabeled)
         stages("pretrain_diffusion", **unlabeled)
 
-    # stage 2: adaptation (reused when present); the latent classifier must know the class at low noise
-    adaptation = [("train_aux_classifier", "train_aux_classifier/aux_classifier.pt"),
-                  ("finetune", "finetune/decoder_ft.pt"),
-                  ("train_latent_classifier", "train_latent_classifier/latent_classifier.pt")]
+    # stage 2: adaptation (reused when present); the latent classifier must know the class at low noise. The
+    # auxiliary classifier is the selection's feature extractor for every generator; StyleGAN2 trains on the same split
+    adaptation = [("train_aux_classifier", "train_aux_classifier/aux_classifier.pt")]
+    if diffusion:
+        adaptation += [("finetune", "finetune/decoder_ft.pt"),
+                       ("train_latent_classifier", "train_latent_classifier/latent_classifier.pt")]
+    if "stylegan2" in cfg.generators:
+        adaptation.append(("train_stylegan2", "train_stylegan2/stylegan2.pt"))
     for stage, artifact in adaptation:
         if stage == "finetune" and cfg.ablation == "no_finetune":
             continue
         if not (out / artifact).is_file():
             stages(stage, **labeled)
-    latent = check_latent_classifier(out / "train_latent_classifier", len(classes), cfg.min_latent_margin)
+    latent = check_latent_classifier(out / "train_latent_classifier", len(classes),
+                                     cfg.min_latent_margin) if diffusion else None
     judge_ckpt = _judge_ckpt(cfg, main, stages)
     if judge_ckpt is not None:
         stages.firewall.add(judge_ckpt.as_posix())
 
-    # stage 3: one generated pool, topped up until the largest row can fill its quota
-    rows = experiment_rows(cfg.ratios, cfg.random_ratio)
+    # stage 3: per generator one generated pool, topped up until its largest row can fill its quota
+    rows = experiment_rows(cfg.ratios, cfg.random_ratio, cfg.generators)
     generation = {"use_finetuned_decoder": cfg.ablation != "no_finetune", "num_inference_steps": cfg.generation_steps,
                   "guidance_scale": cfg.guidance_scale, **labeled}
-    pool = _generate_pool(cfg, out, stages, rows, classes, real_counts, generation) if len(rows) > 1 else {}
-    synthetic_dir = out / "generate"
-    judged = {"pool": _judge(judge_ckpt, out, synthetic_dir, None, "pool")} if pool else {}
-    if cfg.sweep_scales and cfg.sweep_steps:
+    pools: dict[str, dict[str, Any]] = {}
+    judged: dict[str, Any] = {}
+    for generator in cfg.generators if len(rows) > 1 else ():
+        pools[generator] = _generate_pool(cfg, out, stages, rows, classes, real_counts,
+                                          generation if generator == "histodiffusion" else labeled, generator)
+        judged[_pool_key(generator)] = _judge(judge_ckpt, out, out / GENERATORS[generator][2], None,
+                                              _pool_key(generator))
+    pool = pools.get("histodiffusion", {})
+    if diffusion and cfg.sweep_scales and cfg.sweep_steps:
         judged["sweep"] = guidance_sweep(cfg, out, stages, judge_ckpt, classes, generation)
 
     # stage 4: per row, select; per row and seed, downstream training with the same step budget, then evaluation
@@ -455,9 +500,14 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         datalist = (out / "split.json").as_posix()
         if row.mode is not None:
             sel_dir = row_dir / "select"
-            stages("select", log_name=f"select_{_slug(row)}", mode=row.mode, ratio=row.ratio,
-                   synthetic_dir=synthetic_dir.as_posix(), selection_dir=sel_dir.as_posix(), balance=cfg.balance,
-                   min_confidence=cfg.min_confidence if row.mode == "selective" else None)
+            synthetic_dir = out / GENERATORS[row.generator or "histodiffusion"][2]
+            selection = {"mode": row.mode, "ratio": row.ratio, "balance": cfg.balance,
+                         "min_confidence": cfg.min_confidence if row.mode == "selective" else None}
+            if _selection_is_current(sel_dir, synthetic_dir, out, selection):
+                print(f"[experiment] {row.name}: reusing the selection in {sel_dir}", flush=True)
+            else:
+                stages("select", log_name=f"select_{_slug(row)}", synthetic_dir=synthetic_dir.as_posix(),
+                       selection_dir=sel_dir.as_posix(), **selection)
             selections[row.name] = _selection_summary(sel_dir / "selection_report.json")
             if row.mode == "selective" and judge_ckpt is not None:
                 selections[row.name]["judge"] = _judge(judge_ckpt, out, synthetic_dir, sel_dir / "decisions.csv",
@@ -481,6 +531,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
             ckpt_meta = _downstream_meta(seed_dir / "classifier.pt")
             sel = selections.get(row.name)
             results.append({"row": row.name, "mode": row.mode or "baseline", "ratio": row.ratio, "seed": seed,
+                            "generator": row.generator,
                             "fd": (metrics.get("frechet") or {}).get("overall"),
                             "fd_name": (metrics.get("frechet") or {}).get("metric_name"),
                             "kept": sel["kept_total"] if sel else 0, "quota": sel["quota_total"] if sel else 0,
@@ -488,24 +539,52 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                             "steps": ckpt_meta.get("iterations"), "init_digest": ckpt_meta.get("init_digest"),
                             **{k: metrics[k] for k in METRICS[1:]}})
     _check_equal_budget(results)
-    extra = {"latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool, "judge": judged,
+    extra = {"latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
+             **{_pool_key(g): v for g, v in pools.items() if g != "histodiffusion"}, "judge": judged,
              "selections": selections, "budget": {**budget, "steps": budget["max_epochs"] * budget["epoch_length"]},
              "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - start, 1),
              "judge_test_accuracy": _judge_test_accuracy(main) if judge_ckpt else None}
     (out / "experiment_report.json").write_text(json.dumps(extra, indent=1))
     write_results(results, out, ablation=cfg.ablation, report=extra)
-    if pool:
-        largest = max((r for r in rows if r.mode == "selective"), key=lambda r: r.ratio, default=None)
+    pictures = []  # per generator: its pool and what its largest selective row kept
+    for generator in pools:
+        largest = max((r for r in rows if r.mode == "selective" and r.generator == generator), key=lambda r: r.ratio,
+                      default=None)
         kept = out / "rows" / _slug(largest) / "select" / "augmented_datalist.json" if largest else None
-        write_side_by_side(out / "split.json", synthetic_dir, out / "real_vs_synthetic.png",
-                           _image_size(out), kept_datalist=kept)
+        pictures.append((out / GENERATORS[generator][2], kept))
+        name = "real_vs_synthetic.png" if generator == "histodiffusion" else f"real_vs_synthetic_{generator}.png"
+        write_side_by_side(out / "split.json", pictures[-1][0], out / name, _image_size(out), kept_datalist=kept)
+    if len(pictures) > 1:
+        write_side_by_side(out / "split.json", pictures[0][0], out / "real_vs_generators.png", _image_size(out),
+                           kept_datalist=pictures[0][1], more=pictures[1:])
     return results
 
 
+def _pool_key(generator: str) -> str:
+    """The report's name of a generator's pool: ``pool`` (HistoDiffusion, as before) or ``pool_<generator>``."""
+    return "pool" if generator == "histodiffusion" else f"pool_{generator}"
+
+
+def _selection_is_current(sel_dir: Path, synthetic_dir: Path, out: Path, selection: dict[str, Any]) -> bool:
+    """Whether ``sel_dir`` holds a selection with these settings, newer than the pool's manifest and the
+    auxiliary classifier, so that a rerun of the runner (e.g. adding a generator) keeps the rows trained on it."""
+    report_path, datalist = sel_dir / "selection_report.json", sel_dir / "augmented_datalist.json"
+    inputs = [synthetic_dir / "manifest.jsonl", out / "train_aux_classifier" / "aux_classifier.pt"]
+    if not (_is_current(report_path, inputs) and _is_current(datalist, inputs)):
+        return False
+    settings = json.loads(report_path.read_text()).get("settings", {})
+    same_pool = Path(settings.get("synthetic_manifest", "")).resolve() == inputs[0].resolve()
+    return same_pool and all(settings.get(k) == v for k, v in selection.items())
+
+
 def _image_size(out: Path) -> int:
+    """The tile size of the run: the autoencoder's, else (a StyleGAN2-only run) the GAN's."""
     from monai_histodiff.handlers.checkpoint import load_checkpoint
 
-    return int(load_checkpoint(out / "pretrain_autoencoder" / "autoencoder.pt")["meta"]["config"]["image_size"])
+    ckpt = out / "pretrain_autoencoder" / "autoencoder.pt"
+    if not ckpt.is_file():
+        ckpt = out / "train_stylegan2" / "stylegan2.pt"
+    return int(load_checkpoint(ckpt)["meta"]["config"]["image_size"])
 
 
 def guidance_sweep(cfg: ExperimentConfig, out: Path, stages: _Stages, judge_ckpt: Path | None, classes: list[str],
@@ -597,6 +676,7 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in order:
         rs = [r for r in results if r["row"] == name]
         entry: dict[str, Any] = {"row": name, "mode": rs[0]["mode"], "ratio": rs[0]["ratio"], "seeds": len(rs),
+                                 "generator": rs[0].get("generator"),
                                  "kept": rs[0].get("kept", 0), "quota": rs[0].get("quota", 0),
                                  "status": rs[0].get("status", "full")}
         for m in METRICS:
@@ -665,14 +745,19 @@ def _plot(summary: Sequence[dict[str, Any]], path: Path) -> None:
     fig = figure_mod.Figure(figsize=(5, 3.5))
     backend.FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    sel = [s for s in summary if s["mode"] in ("baseline", "selective") and s["accuracy"]]
-    xs = [100 * s["ratio"] for s in sel]
-    ax.errorbar(xs, [s["accuracy"][0] for s in sel], yerr=[s["accuracy"][1] for s in sel], marker="o",
-                label="baseline / + selective")
-    for s in summary:
-        if s["mode"] == "random" and s["accuracy"]:
-            ax.errorbar([100 * s["ratio"]], [s["accuracy"][0]], yerr=[s["accuracy"][1]], marker="x", ls="none",
-                        color="tab:red", label="+ random")
+    base = [s for s in summary if s["mode"] == "baseline" and s["accuracy"]]
+    generators = list(dict.fromkeys(s.get("generator") or "histodiffusion" for s in summary if s["mode"] != "baseline"))
+    for k, generator in enumerate(generators or ["histodiffusion"]):
+        label = GENERATORS[generator][0] if len(generators) > 1 else "baseline"
+        own = [s for s in summary if (s.get("generator") or "histodiffusion") == generator and s["accuracy"]]
+        sel = base + [s for s in own if s["mode"] == "selective"]
+        ax.errorbar([100 * s["ratio"] for s in sel], [s["accuracy"][0] for s in sel],
+                    yerr=[s["accuracy"][1] for s in sel], marker="o", color=f"C{2 * k}",
+                    label=f"{label} / + selective" if len(generators) <= 1 else f"baseline / {label} + selective")
+        for s in own:
+            if s["mode"] == "random":
+                ax.errorbar([100 * s["ratio"]], [s["accuracy"][0]], yerr=[s["accuracy"][1]], marker="x", ls="none",
+                            color=f"C{2 * k + 1}", label=f"{label} + random" if len(generators) > 1 else "+ random")
     ax.set_xlabel("synthetic tiles (% of the real training set)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
@@ -682,9 +767,11 @@ def _plot(summary: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.PathLike, path: str | os.PathLike,
-                       image_size: int, kept_datalist: str | os.PathLike | None = None, per_row: int = 8) -> Path:
+                       image_size: int, kept_datalist: str | os.PathLike | None = None, per_row: int = 8,
+                       more: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]] = ()) -> Path:
     """PNG of real and synthetic tiles per class: for each class a row of real training tiles, a row of generated
-    tiles requested for that class and, with ``kept_datalist``, a row of the tiles selection kept."""
+    tiles requested for that class and, with ``kept_datalist``, a row of the tiles selection kept; then the same
+    rows for each further ``(synthetic_dir, kept_datalist)`` of ``more`` (another generator, side by side)."""
     import torch
 
     from monai_histodiff.data.transforms import tile_transforms
@@ -693,8 +780,11 @@ def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.Pa
 
     split = load_datalist(split_file)
     classes = list(split["classes"])
-    generated = read_generation_manifest(Path(synthetic_dir) / "manifest.jsonl", classes)
-    kept = [it for it in load_datalist(kept_datalist)["training"] if it.get("synthetic")] if kept_datalist else []
+    sources = []
+    for folder, kept_list in [(synthetic_dir, kept_datalist), *more]:
+        generated = read_generation_manifest(Path(folder) / "manifest.jsonl", classes)
+        kept = [it for it in load_datalist(kept_list)["training"] if it.get("synthetic")] if kept_list else None
+        sources.append((generated, kept))
     load = tile_transforms(image_size)
 
     def tiles(items: Sequence[dict]) -> torch.Tensor:
@@ -704,7 +794,8 @@ def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.Pa
     rows = []
     for c in range(len(classes)):
         rows.append(tiles([it for it in split["training"] if int(it["label"]) == c]))
-        rows.append(tiles([it for it in generated if int(it["label"]) == c]))
-        if kept_datalist:
-            rows.append(tiles([it for it in kept if int(it["label"]) == c]))
+        for generated, kept in sources:
+            rows.append(tiles([it for it in generated if int(it["label"]) == c]))
+            if kept is not None:
+                rows.append(tiles([it for it in kept if int(it["label"]) == c]))
     return save_grid(make_grid(rows, max_items=per_row), path)

@@ -14,6 +14,7 @@ from monai_histodiff.experiment import (
     ExperimentConfig,
     ExperimentError,
     _prepare_ablation,
+    _slug,
     _Stages,
     experiment_rows,
     paired_differences,
@@ -178,3 +179,52 @@ def test_side_by_side_picture_has_a_real_and_a_generated_row_per_class(toy_dir, 
     path = write_side_by_side(tmp_path / "split.json", gen, tmp_path / "real_vs_synthetic.png", 32, per_row=4)
     h, w = Image.open(path).size[1], Image.open(path).size[0]
     assert h == 2 * len(classes) * (32 + 2) + 2 and w == 4 * (32 + 2) + 2
+
+
+def test_rows_of_two_generators_share_one_baseline():
+    rows = experiment_rows([0.5, 2.0], 0.5, ("histodiffusion", "stylegan2"))
+    assert [r.name for r in rows] == [
+        "Baseline (real only)", "HistoDiffusion + random 50%", "HistoDiffusion + selective 50%",
+        "HistoDiffusion + selective 200%", "StyleGAN2 + random 50%", "StyleGAN2 + selective 50%",
+        "StyleGAN2 + selective 200%"]
+    # HistoDiffusion's rows keep their folders, so adding the GAN to a finished run reuses them
+    assert [_slug(r) for r in rows] == ["baseline", "random_50", "selective_50", "selective_200",
+                                        "stylegan2_random_50", "stylegan2_selective_50", "stylegan2_selective_200"]
+    with pytest.raises(ValueError, match="generators must name"):
+        ExperimentConfig(output_dir="unused", generators=("vae",))
+    with pytest.raises(ValueError, match="include 'histodiffusion'"):
+        ExperimentConfig(output_dir="unused", generators=("stylegan2",), ablation="no_finetune")
+
+
+def test_stylegan2_rows_and_a_rerun_that_reuses_every_row(toy_labeled_site, tmp_path):
+    """The GAN baseline's rows under the same protocol (its own pool, the same selection, budget and judge), and a
+    second run of the runner that trains and selects nothing again (the way a generator is added to a finished run)."""
+    run_dir = tmp_path / "exp"
+    shutil.copytree(toy_labeled_site, run_dir, ignore=shutil.ignore_patterns("generate*", "select*", "rows"))
+    tiny_gan = {"max_epochs": 2, "batch_size": 8, "channel_base": 128, "channel_max": 32, "z_dim": 16, "w_dim": 16,
+                "mapping_layers": 1, "sample_interval": 2, "num_workers": 0}
+    cfg = ExperimentConfig(output_dir=str(run_dir), dataset_dir=str(run_dir / "labeled"), seeds=(0,), ratios=(0.5,),
+                           random_ratio=None, downstream_steps=4, downstream_epochs=1, judge_epochs=1, judge_steps=4,
+                           pool_factor=1.0, max_pool_factor=1.0, generators=("stylegan2",),
+                           stage_overrides={"train_stylegan2": tiny_gan})
+    results = run_experiment(cfg)
+    assert [r["row"] for r in results] == ["Baseline (real only)", "StyleGAN2 + selective 50%"]
+    assert [r["generator"] for r in results] == [None, "stylegan2"]
+    report = json.loads((run_dir / "experiment_report.json").read_text())
+    assert report["pool_stylegan2"]["rounds"] and report["pool"] == {} and report["latent_classifier"] is None
+    assert report["judge"]["pool_stylegan2"]["conditional_accuracy"]["count"] > 0
+    sel = report["selections"]["StyleGAN2 + selective 50%"]
+    assert results[1]["kept"] == sel["kept_total"] and results[1]["quota"] == sel["quota_total"] > 0
+    report_file = run_dir / "rows" / "stylegan2_selective_50" / "select" / "selection_report.json"
+    selection = json.loads(report_file.read_text())
+    assert selection["settings"]["synthetic_manifest"] == (run_dir / "generate_stylegan2" / "manifest.jsonl").as_posix()
+    assert {r["steps"] for r in results} == {4} and len({r["init_digest"] for r in results}) == 1
+    assert (run_dir / "real_vs_synthetic_stylegan2.png").is_file()
+
+    first = len((run_dir / "commands.jsonl").read_text().splitlines())
+    again = run_experiment(cfg)
+    assert [(r["row"], r["accuracy"]) for r in again] == [(r["row"], r["accuracy"]) for r in results]
+    rerun = [json.loads(line)["stage"] for line in (run_dir / "commands.jsonl").read_text().splitlines()[first:]]
+    assert set(rerun) <= {"generate_stylegan2", "select"} and "train_downstream" not in rerun, rerun
+    assert all(json.loads(line)["log"].startswith(("generate_stylegan2_round", "stylegan2_pool_check"))
+               for line in (run_dir / "commands.jsonl").read_text().splitlines()[first:])

@@ -2,12 +2,13 @@
 The class-conditional StyleGAN2 baseline's engines: training (``bundles/train_stylegan2.json``), the per-class sample
 grid watched during training, and tile generation (``bundles/generate_stylegan2.json``).
 
-The baseline is the GAN row of the comparison (project issue 12): :class:`StyleGAN2Trainer` trains
+The baseline is the comparison system of the paper's Table 1 (Xue et al. 2021): :class:`StyleGAN2Trainer` trains
 :class:`~monai_histodiff.networks.stylegan2.ConditionalStyleGAN2Generator` and
 :class:`~monai_histodiff.networks.stylegan2.ConditionalStyleGAN2Discriminator` on the same labeled training tiles
 HistoDiffusion adapts to, and :class:`GanTileGenerator` writes its tiles with the folder layout, manifest, per-tile
-seeds, resume and locking of HistoDiffusion's generation stage (:class:`~monai_histodiff.engines.generation.TileGenerator`
-is shared), so that the ``select``, ``train_downstream`` and ``evaluate`` stages read both the same way.
+seeds, resume and locking of HistoDiffusion's generation stage
+(:class:`~monai_histodiff.engines.generation.TileGenerator` is shared), so that the ``select``, ``train_downstream``
+and ``evaluate`` stages read both the same way.
 """
 
 from __future__ import annotations
@@ -167,9 +168,9 @@ class StyleGAN2Trainer(Trainer):
     def _check(terms: Mapping[str, torch.Tensor], iteration: int) -> None:
         for name, value in terms.items():
             if not torch.isfinite(value):
-                raise FloatingPointError(f"[train_stylegan2] loss term '{name}' is {float(value.detach())} at iteration "
-                                         f"{iteration}; lower the learning rate or r1_gamma, disable AMP, or check "
-                                         "the data")
+                raise FloatingPointError(f"[train_stylegan2] loss term '{name}' is {float(value.detach())} at "
+                                         f"iteration {iteration}; lower the learning rate or r1_gamma, disable AMP, or "
+                                         "check the data")
 
     def _latents(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch_size, unwrap_model(self.generator).z_dim, device=device)

@@ -51,3 +51,28 @@ def test_paper_diffusion_unet_and_one_step():
                                 decollate=False)
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_paper_stylegan2_and_one_step():
+    """The GAN baseline at the paper's scale: 256 px, StyleGAN2's 512-d latents and channels, batch 64, lr 2e-4,
+    100 epochs; one training iteration (discriminator with R1, generator) of batch 2 runs and changes both."""
+    from monai_histodiff.engines import StyleGAN2Trainer
+
+    p = _parser("train_stylegan2")
+    p["num_classes"] = 9  # the paper's NCT-CRC classes (the split is not read)
+    assert [p.get_parsed_content(k) for k in ("image_size", "batch_size", "lr", "max_epochs")] == [256, 64, 2e-4, 100]
+    G, D = p.get_parsed_content("generator_def"), p.get_parsed_content("discriminator_def")
+    assert (G.z_dim, G.w_dim, G.image_size) == (512, 512, 256)
+    g0 = [q.detach().clone() for q in G.parameters()]
+    d0 = [q.detach().clone() for q in D.parameters()]
+    trainer = StyleGAN2Trainer(
+        device="cpu", max_epochs=1,
+        train_data_loader=[{"image": torch.rand(2, 3, 256, 256) * 2 - 1, "label": torch.tensor([0, 8])}],
+        generator=G, discriminator=D, g_optimizer=torch.optim.Adam(G.parameters(), 2e-4, betas=(0.0, 0.99)),
+        d_optimizer=torch.optim.Adam(D.parameters(), 2e-4, betas=(0.0, 0.99)),
+        r1_gamma=p.get_parsed_content("r1_gamma"), r1_interval=p.get_parsed_content("r1_interval"))
+    trainer.run()
+    out = trainer.state.output
+    assert out["r1"] > 0 and all(torch.isfinite(torch.tensor(out[k])) for k in ("loss_g", "loss_d", "r1"))
+    assert any(not torch.equal(a, b) for a, b in zip(g0, G.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, D.parameters()))

@@ -65,7 +65,8 @@ def test_train_resume_continues_the_iteration_count(toy_two_classes, tmp_path):
     assert meta["stage"] == "train_stylegan2" and meta["classes"] == split["classes"]
     assert meta["config"]["generator_args"] == dict(image_size=SIZE, num_classes=2, mapping_layers=2, **TINY)
     assert meta["config"]["discriminator_args"]["channel_base"] == TINY["channel_base"]
-    assert meta["ema"]["num_updates"] == 4 and meta["parents"]["split"]["sha256"] == file_sha256(tmp_path / "split.json")
+    assert meta["ema"]["num_updates"] == 4
+    assert meta["parents"]["split"]["sha256"] == file_sha256(tmp_path / "split.json")
     assert sorted(p.name for p in (stage / "grids").glob("*.png")) == [
         "samples_per_class_epoch0001.png", "samples_per_class_epoch0002.png"]
     assert list((stage / "logs").glob("events.out.tfevents.*"))

@@ -170,7 +170,8 @@ def test_layout_manifest_read_like_select(tmp_path):
     assert [(r["class"], r["index"]) for r in rows] == [("STR", i) for i in range(3)] + [("TUM", i) for i in range(4)]
     for r in rows:
         assert set(MANIFEST_FIELDS) <= set(r)
-        assert r["seed"] == tile_seed(7, r["class_index"], r["index"]) and r["checkpoint_hashes"] == {"stylegan2": "abc"}
+        assert r["seed"] == tile_seed(7, r["class_index"], r["index"])
+        assert r["checkpoint_hashes"] == {"stylegan2": "abc"}
         assert r["confidence"] is None and r["steps"] is None and r["guidance_scale"] is None
         assert (r["truncation_psi"], r["noise_mode"]) == (1.0, "random")
     items = read_generation_manifest(out / "manifest.jsonl", CLASSES)  # the reader of bundles/select.json
