@@ -13,7 +13,6 @@ from monai_histodiff.engines.latent_cache import (  # noqa: E402
     LatentCache,
     encode_posteriors,
     get_or_create_latent_cache,
-    unwrap_model,
 )
 from monai_histodiff.engines.prepare_batch import (  # noqa: E402
     LatentDiffusionPrepareBatch,
@@ -31,7 +30,6 @@ __all__ += [
     "LatentCache",
     "encode_posteriors",
     "get_or_create_latent_cache",
-    "unwrap_model",
     "LatentDiffusionPrepareBatch",
     "NoisyLatentClassificationPrepareBatch",
     "resolve_scale_factor",
@@ -53,6 +51,7 @@ from monai_histodiff.engines.distributed import (  # noqa: E402
     make_sampler,
     prepare_network,
     resolve_device,
+    unwrap_model,
 )
 from monai_histodiff.engines.losses import (  # noqa: E402
     build_perceptual_loss,
@@ -94,6 +93,7 @@ __all__ += [
     "make_sampler",
     "prepare_network",
     "resolve_device",
+    "unwrap_model",
     "build_perceptual_loss",
     "diffusion_loss",
     "kl_divergence",

@@ -16,6 +16,7 @@ from monai.data import DistributedSampler, DistributedWeightedRandomSampler
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
 __all__ = [
+    "unwrap_model",
     "is_main_process",
     "get_rank",
     "get_world_size",
@@ -25,6 +26,12 @@ __all__ = [
     "make_sampler",
     "cleanup_distributed",
 ]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model`` itself."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def is_main_process() -> bool:

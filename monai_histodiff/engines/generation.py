@@ -41,6 +41,7 @@ from PIL import Image
 
 from monai_histodiff.data.transforms import to_uint8_image
 from monai_histodiff.data.validation import no_space_error
+from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
 from monai_histodiff.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler, respace_scheduler
@@ -205,12 +206,6 @@ class _PerSampleNoiseDDPMScheduler(_PerSampleNoiseMixin, RespacedDDPMScheduler):
 
 class _PerSampleNoiseDDIMScheduler(_PerSampleNoiseMixin, RespacedDDIMScheduler):
     """Respaced DDIM whose ``eta > 0`` noise comes from per-sample generators (when set)."""
-
-
-def _unwrap(model: Any) -> Any:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model`` itself."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 def _per_sample_sampler(scheduler: Scheduler) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
@@ -719,9 +714,9 @@ class GuidedTileGenerator(TileGenerator):
         try:
             images, latents = self.inferer.sample(
                 input_noise=noise,
-                autoencoder_model=_unwrap(self.autoencoder),
-                diffusion_model=_unwrap(self.diffusion_model),
-                classifier=_unwrap(self.classifier),
+                autoencoder_model=unwrap_model(self.autoencoder),
+                diffusion_model=unwrap_model(self.diffusion_model),
+                classifier=unwrap_model(self.classifier),
                 labels=labels,
                 scheduler=sampler,
                 guidance_scale=self.guidance_scale,
@@ -735,7 +730,7 @@ class GuidedTileGenerator(TileGenerator):
             )
         finally:
             sampler.sample_generators = None  # type: ignore[union-attr]
-        classifier = _unwrap(self.classifier)
+        classifier = unwrap_model(self.classifier)
         size = self.classifier_batch_size or latents.shape[0]
         probs = []
         for z, y in zip(latents.float().split(size), labels.split(size)):

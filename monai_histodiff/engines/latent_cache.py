@@ -36,6 +36,7 @@ from monai.utils import optional_import
 from torch.utils.data import Dataset
 
 from monai_histodiff.data.validation import CorruptFileError
+from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, safe_torch_load
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -43,7 +44,6 @@ tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 __all__ = [
     "LATENT_MU_KEY",
     "LATENT_SIGMA_KEY",
-    "unwrap_model",
     "encode_posteriors",
     "LatentCache",
     "CachedLatentDataset",
@@ -56,11 +56,6 @@ LATENT_MU_KEY = "latent_mu"
 LATENT_SIGMA_KEY = "latent_sigma"
 _FORMAT_VERSION = 1
 _CACHE_REMEDY = "delete it: the stage that reads it encodes the tiles again and rewrites it"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the wrapped module of a ``DistributedDataParallel`` / ``DataParallel`` model, else the model itself."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def _batch_size(batch: Mapping, image_key: str) -> int:

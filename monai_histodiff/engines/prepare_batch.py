@@ -31,7 +31,8 @@ import torch.nn as nn
 from monai.engines.utils import DiffusionPrepareBatch, PrepareBatch
 from monai.networks.schedulers import Scheduler
 
-from monai_histodiff.engines.latent_cache import LATENT_MU_KEY, LATENT_SIGMA_KEY, unwrap_model
+from monai_histodiff.engines.distributed import unwrap_model
+from monai_histodiff.engines.latent_cache import LATENT_MU_KEY, LATENT_SIGMA_KEY
 
 __all__ = [
     "ScaleFactor",

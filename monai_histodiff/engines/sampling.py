@@ -8,7 +8,7 @@ import torch
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_histodiff.engines.latent_cache import unwrap_model
+from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.prepare_batch import resolve_scale_factor
 
 __all__ = ["UnconditionalSampler", "ReconstructionComparison", "optimize_for_inference"]

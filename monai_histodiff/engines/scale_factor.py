@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from monai_histodiff.engines.latent_cache import LatentCache, unwrap_model
+from monai_histodiff.engines.distributed import unwrap_model
+from monai_histodiff.engines.latent_cache import LatentCache
 from monai_histodiff.engines.prepare_batch import sample_latents
 
 __all__ = ["RunningMoments", "compute_scale_factor"]

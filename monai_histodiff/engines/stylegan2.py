@@ -22,7 +22,7 @@ from monai.engines.utils import default_prepare_batch
 from monai.utils import min_version, optional_import
 
 from monai_histodiff.engines.generation import TileGenerator
-from monai_histodiff.engines.latent_cache import unwrap_model
+from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.networks.stylegan2 import (
     NOISE_MODES,
     diff_augment,

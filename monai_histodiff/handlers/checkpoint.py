@@ -219,7 +219,9 @@ def checkpoint_meta(stage: str, config: Mapping[str, Any] | None = None, parents
 
 
 def _unwrap(obj: Any) -> Any:
-    return obj.module if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else obj
+    from monai_histodiff.engines.distributed import unwrap_model  # not at import: engines imports handlers
+
+    return unwrap_model(obj)
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Mapping[str, Any],
@@ -322,8 +324,9 @@ def verify_parent(child: Mapping[str, Any], name: str, parent_path: str | os.Pat
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    from monai_histodiff.engines.distributed import is_main_process  # not at import: engines imports handlers
+
+    return is_main_process()
 
 
 class StageCheckpointHandler:

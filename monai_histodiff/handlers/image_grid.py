@@ -21,8 +21,9 @@ __all__ = ["make_grid", "save_grid", "ImageGridHandler", "SampleGridHandler"]
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    from monai_histodiff.engines.distributed import is_main_process  # not at import: engines imports handlers
+
+    return is_main_process()
 
 
 def make_grid(rows: Sequence[torch.Tensor], max_items: int = 8, pad: int = 2) -> np.ndarray:
