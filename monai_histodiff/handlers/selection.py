@@ -148,9 +148,9 @@ def _manifest_class_index(row: Mapping[str, Any], names: Sequence[str], where: s
 
 
 def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    from monai_histodiff.engines.distributed import is_main_process  # not at import: engines imports handlers
+
+    return is_main_process()
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

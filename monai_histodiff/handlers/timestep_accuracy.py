@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from monai.config import PathLike
@@ -26,7 +25,9 @@ __all__ = ["TimestepBucketAccuracy", "plot_timestep_accuracy"]
 
 
 def _is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    from monai_histodiff.engines.distributed import is_main_process  # not at import: engines imports handlers
+
+    return is_main_process()
 
 
 def _write_json(obj: Any, path: PathLike) -> None:
