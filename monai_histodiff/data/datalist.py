@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.validation import CorruptFileError
 
 __all__ = [
@@ -190,10 +191,7 @@ def write_datalist(data: dict[str, Any], path: str | os.PathLike) -> Path:
     for split in ("training", "validation", "test", "pool", "unlabeled"):
         if split in data:
             out[split] = [dict(it, image=os.path.relpath(os.path.abspath(it["image"]), base)) for it in data[split]]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process: ranks may write the same list
-    tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda p: p.write_text(json.dumps(out, indent=1), encoding="utf-8"))
 
 
 def save_class_map(classes: Sequence[str], folder: str | os.PathLike, filename: str = "classes.json") -> Path:

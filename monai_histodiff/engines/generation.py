@@ -39,8 +39,8 @@ from monai.networks.schedulers import Scheduler
 from monai.utils import optional_import
 from PIL import Image
 
+from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.transforms import to_uint8_image
-from monai_histodiff.data.validation import no_space_error
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
@@ -153,12 +153,7 @@ def _write_jsonl_atomic(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
                 return
     except (OSError, UnicodeDecodeError):
         pass
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), fsync=True)
 
 
 def merge_manifests(output_dir: str | os.PathLike) -> str:
@@ -400,22 +395,7 @@ class TileGenerator:
     def _write_tile(self, image: torch.Tensor, path: str) -> None:
         """Write one PNG whole (temporary file, then rename); a failed write leaves no partial file, and a full disk
         raises ``OSError(ENOSPC)`` naming the tile."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                Image.fromarray(to_uint8_image(image)).save(f, format="PNG")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            full = no_space_error(path, e)
-            if full is None:
-                raise
-            raise full from e
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda p: Image.fromarray(to_uint8_image(image)).save(p, format="PNG"), fsync=True)
 
     @property
     def lock_name(self) -> str:
@@ -566,10 +546,7 @@ class TileGenerator:
                 r, q = divmod(k, cols)
                 grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = tile[:h, :w]
             out = os.path.join(self.output_dir, "grids", f"{name}.png")
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            tmp = f"{out}.tmp.{os.getpid()}"
-            Image.fromarray(grid).save(tmp, format="PNG")
-            os.replace(tmp, out)
+            atomic_write(out, lambda p, grid=grid: Image.fromarray(grid).save(p, format="PNG"))
             written.append(out)
         return written
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 from monai.utils import optional_import
 from torch.utils.data import Dataset
 
+from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.validation import CorruptFileError
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, safe_torch_load
@@ -214,9 +215,7 @@ class LatentCache:
         return snr
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the cache to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the cache to ``path`` whole (:func:`~monai_histodiff.data.atomic.atomic_write`)."""
         state = {
             "format_version": _FORMAT_VERSION,
             "mu": self.mu,
@@ -227,14 +226,7 @@ class LatentCache:
             "count": len(self),
             "extras": self.extras,
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, lambda p: torch.save(state, p))
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_autoencoder_sha256: str | None = None) -> LatentCache:

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from monai.utils import min_version, optional_import
 
-from monai_histodiff.data.validation import REMEDY_RERUN, CorruptFileError, no_space_error
+from monai_histodiff.data.atomic import atomic_write
+from monai_histodiff.data.validation import REMEDY_RERUN, CorruptFileError
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
@@ -124,24 +125,14 @@ def to_plain(value: Any, key: str = "value") -> Any:
 def _save_plain(obj: Any, path: Path) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically, refusing (and removing) a file that ``weights_only`` loading
     could not read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    def write(tmp: Path) -> None:
         torch.save(obj, tmp)
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
         if unsafe:
             raise TypeError(f"not writing {path}: it would hold {sorted(unsafe)}, which another site could only load "
                             f"by running code from the file; save tensors and plain values only")
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        full = no_space_error(path, e)  # the previous file at ``path`` is untouched; the partial one goes below
-        if full is None:
-            raise
-        raise full from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 def safe_torch_load(path: str | os.PathLike, reader: str, map_location: Any = "cpu", remedy: str = REMEDY_RERUN) -> Any:

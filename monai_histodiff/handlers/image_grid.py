@@ -12,6 +12,7 @@ import torch
 from monai.utils import min_version, optional_import
 from PIL import Image
 
+from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.handlers.ema import warn_if_unconverged
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -47,12 +48,7 @@ def make_grid(rows: Sequence[torch.Tensor], max_items: int = 8, pad: int = 2) ->
 
 def save_grid(grid: np.ndarray, path: str | os.PathLike) -> Path:
     """Save a grid as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda p: Image.fromarray(grid).save(p, format="PNG"))
 
 
 class ImageGridHandler:

@@ -30,6 +30,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.utils import OptionalImportError, min_version, optional_import
 
+from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.datalist import class_counts, load_datalist, write_datalist
 from monai_histodiff.data.validation import CorruptFileError
 from monai_histodiff.data.transforms import tile_transforms
@@ -153,15 +154,6 @@ def _is_rank0() -> bool:
     return is_main_process()
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_json(data: Any, path: Path) -> None:
@@ -615,19 +607,19 @@ class CentroidSelectionHandler:
             (out / AUGMENTED_DATALIST).unlink()
 
         rows = result.to_rows([c["file"] for c in candidates], classes, manifest_conf)
-        _atomic(out / DECISIONS_CSV, lambda p: write_decisions_csv(rows, p))
-        _atomic(out / SELECTION_REPORT, lambda p: write_selection_report(report, p))
+        atomic_write(out / DECISIONS_CSV, lambda p: write_decisions_csv(rows, p))
+        atomic_write(out / SELECTION_REPORT, lambda p: write_selection_report(report, p))
         class_map = {"classes": classes, "class_to_index": {c: i for i, c in enumerate(classes)}}
-        _atomic(out / CLASSES_JSON, lambda p: _write_json(class_map, p))
+        atomic_write(out / CLASSES_JSON, lambda p: _write_json(class_map, p))
 
         own_real = distances_to_centroids(real_feats, centroids).gather(1, real_labels.unsqueeze(1)).squeeze(1)
         real_d = {i: own_real[real_labels == i] for i in range(k)}
         cand_d = {i: result.distance[result.labels == i] for i in range(k)}
         quotas = [v["quota"] for v in report["per_class"].values()]
         try:
-            _atomic(out / HISTOGRAMS_PNG, lambda p: plot_distance_histograms(real_d, cand_d, thresholds, classes, p))
+            atomic_write(out / HISTOGRAMS_PNG, lambda p: plot_distance_histograms(real_d, cand_d, thresholds, classes, p))
             reasons = result.reason_counts()
-            _atomic(out / KEPT_BY_CLASS_PNG, lambda p: plot_decisions_by_class(reasons, quotas, classes, p))
+            atomic_write(out / KEPT_BY_CLASS_PNG, lambda p: plot_decisions_by_class(reasons, quotas, classes, p))
         except OptionalImportError as e:
             logger.warning("matplotlib is not installed; %s and %s not written (%s).", HISTOGRAMS_PNG,
                            KEPT_BY_CLASS_PNG, e)

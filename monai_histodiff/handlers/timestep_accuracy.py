@@ -13,6 +13,8 @@ import torch.nn as nn
 from monai.config import PathLike
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_histodiff.data.atomic import atomic_write
+
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 Figure, _ = optional_import("matplotlib.figure", name="Figure")
 FigureCanvasAgg, _ = optional_import("matplotlib.backends.backend_agg", name="FigureCanvasAgg")
@@ -31,13 +33,7 @@ def _is_rank0() -> bool:
 
 
 def _write_json(obj: Any, path: PathLike) -> None:
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, os.fspath(path))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
 
 
 class TimestepBucketAccuracy:

@@ -320,7 +320,7 @@ def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, mon
     def full_disk(self, fp, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:  # the second tile of the second batch
-            fp.write(b"\x89PNG\r\n\x1a\n partial")
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n partial")  # the temporary file the tile is written to
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(self, fp, *args, **kwargs)
 
