@@ -17,6 +17,14 @@ from monai.losses import PatchAdversarialLoss
 from monai.utils import min_version, optional_import
 
 from monai_histodiff.engines.losses import kl_divergence, per_element_weight, reconstruction_loss
+from monai_histodiff.engines.steps import (
+    autocast,
+    grad_scaler,
+    optimizer_step,
+    patch_discriminator_step,
+    patch_generator_term,
+)
+from monai_histodiff.handlers.nan_guard import check_finite
 
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
@@ -96,27 +104,10 @@ class AutoencoderKLTrainer(Trainer):
         self.adv_weight = adv_weight
         self.adv_start = adv_start
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.d_scaler = grad_scaler(self.amp)
 
     def _autocast(self):
-        return torch.autocast(device_type=torch.device(self.state.device).type, enabled=self.amp)
-
-    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        if self.amp:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-
-    @staticmethod
-    def _check(terms: dict[str, torch.Tensor], iteration: int) -> None:
-        for name, value in terms.items():
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"[pretrain_autoencoder] loss term '{name}' is {float(value)} at iteration "
-                                         f"{iteration}; lower the learning rate, disable AMP, or check the data")
+        return autocast(self.state.device, self.amp)
 
     def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
@@ -132,23 +123,17 @@ class AutoencoderKLTrainer(Trainer):
             loss = loss + per_element_weight(self.perceptual_weight, x) * terms["perceptual"]
         if use_adv:
             self.discriminator.train()
-            with self._autocast():
-                logits_fake = self.discriminator(recon)[-1]
-            terms["adv_g"] = self.adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
+            terms["adv_g"] = patch_generator_term(self.discriminator, self.adv_loss, recon, self._autocast())
             loss = loss + per_element_weight(self.adv_weight, x) * terms["adv_g"]
-        self._check({"loss": loss, **terms}, engine.state.iteration)
-        self._step(loss, self.g_optimizer, engine.scaler)
+        values = check_finite({"loss": loss, **terms}, "pretrain_autoencoder", engine.state.iteration)
+        optimizer_step(loss, self.g_optimizer, engine.scaler)
 
         if use_adv:
-            with self._autocast():  # one forward for fake and real: one DDP reduction per backward
-                logits_fake, logits_real = self.discriminator(torch.cat([recon.detach(), x]))[-1].chunk(2)
-            d_loss = 0.5 * (self.adv_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
-                            + self.adv_loss(logits_real.float(), target_is_real=True, for_discriminator=True))
-            terms["adv_d"] = d_loss
-            self._check({"adv_d": d_loss}, engine.state.iteration)
-            self._step(self.adv_weight * d_loss, self.d_optimizer, self.d_scaler)
+            values["adv_d"] = patch_discriminator_step(
+                self.discriminator, self.d_optimizer, self.adv_loss, real=x, fake=recon, weight=self.adv_weight,
+                amp_context=self._autocast(), scaler=self.d_scaler, stage="pretrain_autoencoder",
+                iteration=engine.state.iteration)
 
-        out: dict[str, Any] = {"image": x.detach(), "recon": recon.detach(), "loss": float(loss.detach())}
-        out.update({k: float(v.detach()) for k, v in terms.items()})
+        out: dict[str, Any] = {"image": x.detach(), "recon": recon.detach(), **values}
         out["lr"] = self.g_optimizer.param_groups[0]["lr"]
         return out

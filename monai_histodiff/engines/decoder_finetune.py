@@ -20,6 +20,14 @@ from monai.losses import PatchAdversarialLoss
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_histodiff.engines.losses import per_element_weight, reconstruction_loss
+from monai_histodiff.engines.steps import (
+    autocast,
+    grad_scaler,
+    optimizer_step,
+    patch_discriminator_step,
+    patch_generator_term,
+)
+from monai_histodiff.handlers.nan_guard import check_finite
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -262,13 +270,11 @@ class DecoderFinetuneTrainer(Trainer):
     def run(self) -> None:  # type: ignore[override]
         """Run the fine-tuning; like :meth:`monai.engines.Trainer.run`, with a second gradient scaler for the
         discriminator when ``amp``."""
-        self.d_scaler = torch.cuda.amp.GradScaler() if self.amp and self.discriminator is not None else None
+        self.d_scaler = grad_scaler(self.amp) if self.discriminator is not None else None
         super().run()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp and self.scaler is not None:
-            return torch.autocast("cuda", **self.amp_kwargs)
-        return contextlib.nullcontext()
+        return autocast(self.state.device, self.amp, **self.amp_kwargs)
 
     def _set_modes(self) -> None:
         """Decoder side (and discriminator) in train mode; encoder side and classifier stay in eval mode."""
@@ -281,22 +287,6 @@ class DecoderFinetuneTrainer(Trainer):
             self.classifier.eval()
         if self.discriminator is not None:
             self.discriminator.train()
-
-    def _check_finite(self, engine: Engine, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Return the terms as floats; raise :class:`FloatingPointError` naming the first non-finite one."""
-        values = {name: float(term.detach().float().item()) for name, term in terms.items()}
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"DecoderFinetuneTrainer: non-finite '{name}' loss ({value}) at iteration {engine.state.iteration} "
-                    f"(epoch {engine.state.epoch}); no optimizer step was taken with it."
-                )
-        return values
-
-    def _discriminate(self, images: torch.Tensor) -> torch.Tensor:
-        assert self.discriminator is not None
-        logits = self.discriminator(images.contiguous().float())
-        return logits[-1] if isinstance(logits, (list, tuple)) else logits
 
     def _iteration(self, engine: DecoderFinetuneTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore
         """
@@ -328,7 +318,6 @@ class DecoderFinetuneTrainer(Trainer):
         with torch.no_grad(), engine._autocast():
             z_mu, z_sigma = engine.autoencoder.encode(images)
             z = engine.autoencoder.sampling(z_mu, z_sigma) if engine.sample_posterior else z_mu
-        engine.optimizer.zero_grad(set_to_none=True)
         with engine._autocast():
             recon = engine.autoencoder.decode(z)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -343,8 +332,8 @@ class DecoderFinetuneTrainer(Trainer):
             loss_rec = loss_rec + per_element_weight(engine.perceptual_weight, images) * terms["perceptual"]
         if engine.discriminator is not None:
             if use_adv:
-                logits_fake = engine._discriminate(recon)
-                terms["adv_g"] = engine.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                terms["adv_g"] = patch_generator_term(engine.discriminator, engine.adv_loss, recon.float(),
+                                                      engine._autocast())
                 loss_rec = loss_rec + per_element_weight(engine.adv_weight, images) * terms["adv_g"]
             else:
                 terms["adv_g"] = recon.new_zeros(())
@@ -352,46 +341,24 @@ class DecoderFinetuneTrainer(Trainer):
         loss_ce = terms["ce"] = F.cross_entropy(logits.float(), _class_targets(labels, logits))
         # Eq. 5: L_D = L_rec + lambda_CE * L_CE, the CE per pixel element like the other per-sample terms
         loss = loss_rec + per_element_weight(engine.ce_weight, images) * loss_ce
-        values = engine._check_finite(engine, terms)
+        values = check_finite(terms, "finetune", engine.state.iteration, engine.state.epoch)
         values["loss"] = float(loss.detach().item())
         engine.state.output["recon"] = recon.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        optimizer_step(loss, engine.optimizer, engine.scaler,
+                       on_backward=lambda: engine.fire_event(IterationEvents.BACKWARD_COMPLETED))
 
         if engine.discriminator is not None:
-            values["adv_d"] = engine._discriminator_step(engine, images, recon.detach()) if use_adv else 0.0
+            values["adv_d"] = patch_discriminator_step(
+                engine.discriminator, engine.d_optimizer, engine.adv_loss, real=images.float(), fake=recon.float(),
+                weight=engine.adv_weight, amp_context=engine._autocast(), scaler=engine.d_scaler, stage="finetune",
+                iteration=engine.state.iteration) if use_adv else 0.0
 
         engine.state.output.update(values)
         engine.state.output["lr"] = float(engine.optimizer.param_groups[0]["lr"])
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-    def _discriminator_step(self, engine: Engine, images: torch.Tensor, recon: torch.Tensor) -> float:
-        """Update the patch discriminator on reals vs. the (detached) reconstructions; return its unweighted loss."""
-        assert self.discriminator is not None and self.d_optimizer is not None
-        self.d_optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss_fake = self.adv_loss(self._discriminate(recon), target_is_real=False, for_discriminator=True)
-            loss_real = self.adv_loss(self._discriminate(images.detach()), target_is_real=True, for_discriminator=True)
-            d_loss = 0.5 * (loss_fake + loss_real)
-        value = self._check_finite(engine, {"adv_d": d_loss})["adv_d"]
-        if self.d_scaler is not None:
-            self.d_scaler.scale(self.adv_weight * d_loss).backward()
-            self.d_scaler.step(self.d_optimizer)
-            self.d_scaler.update()
-        else:
-            (self.adv_weight * d_loss).backward()
-            self.d_optimizer.step()
-        return value
 
 
 def _class_targets(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from monai.engines.utils import default_prepare_batch
 from monai.utils import min_version, optional_import
 
 from monai_histodiff.engines.generation import TileGenerator
+from monai_histodiff.engines.steps import autocast, grad_scaler, optimizer_step
+from monai_histodiff.handlers.nan_guard import check_finite
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.networks.stylegan2 import (
     NOISE_MODES,
@@ -143,7 +145,7 @@ class StyleGAN2Trainer(Trainer):
         self.r1_interval = int(r1_interval)
         self.augment_policy = augment_policy
         self.ema = ema
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.d_scaler = grad_scaler(self.amp)
         self._last_r1 = 0.0
         if ema is not None:
             ema.attach(self)
@@ -152,25 +154,7 @@ class StyleGAN2Trainer(Trainer):
             self._register_handlers(handlers)
 
     def _autocast(self, enabled: bool = True):
-        return torch.autocast(device_type=torch.device(self.state.device).type, enabled=self.amp and enabled)
-
-    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        if self.amp and scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-
-    @staticmethod
-    def _check(terms: Mapping[str, torch.Tensor], iteration: int) -> None:
-        for name, value in terms.items():
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"[train_stylegan2] loss term '{name}' is {float(value.detach())} at "
-                                         f"iteration {iteration}; lower the learning rate or r1_gamma, disable AMP, or "
-                                         "check the data")
+        return autocast(self.state.device, self.amp and enabled)
 
     def _latents(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch_size, unwrap_model(self.generator).z_dim, device=device)
@@ -207,8 +191,8 @@ class StyleGAN2Trainer(Trainer):
             r1 = r1_penalty(real_logits, real)
             terms["r1"] = r1
             total_d = loss_d + r1 * (self.r1_gamma / 2.0 * self.r1_interval)
-        self._check(terms, iteration)
-        self._step(total_d, self.d_optimizer, self.d_scaler)
+        check_finite(terms, "train_stylegan2", iteration)
+        optimizer_step(total_d, self.d_optimizer, self.d_scaler)
         if r1_now:
             self._last_r1 = float(terms["r1"].detach())
 
@@ -219,8 +203,8 @@ class StyleGAN2Trainer(Trainer):
                 fake = G(self._latents(batch, x.device), labels, update_emas=True)
                 g_logits = D(diff_augment(fake.float(), self.augment_policy), labels).float()
             loss_g = generator_nonsaturating_loss(g_logits)
-            self._check({"loss_g": loss_g}, iteration)
-            self._step(loss_g, self.g_optimizer, engine.scaler)
+            check_finite({"loss_g": loss_g}, "train_stylegan2", iteration)
+            optimizer_step(loss_g, self.g_optimizer, engine.scaler)
         finally:
             D.requires_grad_(True)
 

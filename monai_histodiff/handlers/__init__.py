@@ -18,7 +18,7 @@ from monai_histodiff.handlers.checkpoint import (
     verify_parent,
 )
 from monai_histodiff.handlers.image_grid import ImageGridHandler, SampleGridHandler, make_grid, save_grid
-from monai_histodiff.handlers.nan_guard import NaNGuard, loss_terms
+from monai_histodiff.handlers.nan_guard import NaNGuard, check_finite, loss_terms
 from monai_histodiff.handlers.scalars import LearningRateLogger
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "make_grid",
     "save_grid",
     "NaNGuard",
+    "check_finite",
     "loss_terms",
     "LearningRateLogger",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.utils import min_version, optional_import
@@ -11,7 +11,7 @@ from monai.utils import min_version, optional_import
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
-__all__ = ["NaNGuard", "loss_terms"]
+__all__ = ["NaNGuard", "check_finite", "loss_terms"]
 
 
 def loss_terms(output: object) -> dict[str, float]:
@@ -33,6 +33,30 @@ def loss_terms(output: object) -> dict[str, float]:
     return terms
 
 
+def check_finite(terms: Mapping[str, torch.Tensor | float], stage: str, iteration: int, epoch: int | None = None,
+                 stepped: bool = False) -> dict[str, float]:
+    """
+    The loss terms as floats, or ``FloatingPointError`` naming the first non-finite one: the one check of every
+    trainer (before its optimizer step) and of :class:`NaNGuard` (after a MONAI trainer's step).
+
+    Args:
+        terms: loss terms by name (scalar tensors or numbers).
+        stage: the stage, named in the message (e.g. ``pretrain_autoencoder``).
+        iteration: the iteration, named in the message.
+        epoch: the epoch, named in the message when given.
+        stepped: whether the optimizer already stepped with this loss (the message says so when not).
+    """
+    values = {name: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v) for name, v in terms.items()}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            where = f"[{stage}] " if stage else ""
+            when = f"iteration {iteration}" + (f" (epoch {epoch})" if epoch is not None else "")
+            taken = "" if stepped else "no optimizer step was taken with it; "
+            raise FloatingPointError(f"{where}loss term '{name}' is {value} at {when}; {taken}lower the learning rate, "
+                                     f"disable AMP, or check the input data")
+    return values
+
+
 class NaNGuard:
     """Ignite handler raising ``FloatingPointError`` when any scalar loss term of an iteration is NaN or infinite.
 
@@ -50,11 +74,5 @@ class NaNGuard:
 
     def __call__(self, engine: Engine) -> None:
         terms = loss_terms(engine.state.output)
-        for k in self.keys or [k for k in terms if k != "lr"]:
-            v = terms.get(k)
-            if v is not None and not math.isfinite(v):
-                where = f"[{self.stage}] " if self.stage else ""
-                raise FloatingPointError(
-                    f"{where}loss term '{k}' is {v} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
-                    f"lower the learning rate, disable AMP, or check the input data"
-                )
+        watched = {k: terms[k] for k in self.keys or [k for k in terms if k != "lr"] if k in terms}
+        check_finite(watched, self.stage, engine.state.iteration, engine.state.epoch, stepped=True)

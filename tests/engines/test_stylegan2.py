@@ -104,11 +104,11 @@ def test_r1_weight_is_gamma_over_two_times_interval(monkeypatch):
     monkeypatch.setattr(sg2_engines, "r1_penalty", lambda logits, images: logits.sum() * 0 + 2.0)
     seen = {}
 
-    def step(self, loss, optimizer, scaler):
+    def step(loss, optimizer, scaler=None, on_backward=None):
         seen.setdefault(id(optimizer), float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
 
-    monkeypatch.setattr(StyleGAN2Trainer, "_step", step)
+    monkeypatch.setattr(sg2_engines, "optimizer_step", step)
     trainer, _, _, _ = _trainer(iterations=1, r1_interval=4, ema=False)
     trainer.run()
     assert seen[id(trainer.d_optimizer)] == pytest.approx(2.0 * 1.0 / 2 * 4)
