@@ -41,6 +41,7 @@ from monai_histodiff.data.datalist import class_counts, load_datalist, write_dat
 from monai_histodiff.data.prepare import ensure_split
 from monai_histodiff.data.split import check_groups_disjoint
 from monai_histodiff.pipeline import run_stage
+from monai_histodiff.selection.rules import quotas_from_ratio
 
 __all__ = [
     "GENERATORS",
@@ -387,7 +388,7 @@ def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list
     synthetic_dir = out / folder
     own = [r for r in rows if r.mode is not None and r.generator == generator]
     max_ratio = max(r.ratio for r in own)
-    quotas = [round(max_ratio * n) for n in real_counts]
+    quotas = list(quotas_from_ratio(real_counts, max_ratio).values())  # what select's quotas will be
     counts = [math.ceil(cfg.pool_factor * q) for q in quotas]
     selective = [r for r in own if r.mode == "selective"]
     rounds = []

@@ -44,7 +44,11 @@ from monai_histodiff.data.transforms import to_uint8_image
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
-from monai_histodiff.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler, respace_scheduler
+from monai_histodiff.schedulers.per_sample import (
+    PerSampleNoiseDDIMScheduler,
+    PerSampleNoiseDDPMScheduler,
+    per_sample_sampler,
+)
 from monai_histodiff.selection.rules import quotas_from_ratio
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -173,42 +177,6 @@ def merge_manifests(output_dir: str | os.PathLike) -> str:
     path = os.path.join(output_dir, MERGED_MANIFEST)
     _write_jsonl_atomic(path, (rows[k] for k in sorted(rows)))
     return path
-
-
-class _PerSampleNoiseMixin:
-    """
-    Draws the stochastic sampling noise of each sample from its own generator (``sample_generators[b]`` for sample
-    ``b``, on CPU, then moved to the sample's device), so that a tile's noise does not depend on the other tiles of
-    its batch. With one sample the noise equals what the base scheduler draws from that generator. Only the
-    schedulers' ``noise_like`` hook changes; their update formulas are used as they are.
-    """
-
-    sample_generators: list[torch.Generator] | None = None
-
-    def noise_like(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        gens = self.sample_generators
-        if gens is None:
-            return super().noise_like(like, generator)  # type: ignore[misc]
-        if len(gens) != like.shape[0]:
-            raise ValueError(f"need one generator per sample ({like.shape[0]}), got {len(gens)}.")
-        noise = torch.stack([torch.randn(tuple(like.shape[1:]), dtype=like.dtype, generator=g) for g in gens])
-        return noise.to(like.device)
-
-
-class _PerSampleNoiseDDPMScheduler(_PerSampleNoiseMixin, RespacedDDPMScheduler):
-    """Respaced DDPM whose posterior noise comes from per-sample generators (when set)."""
-
-
-class _PerSampleNoiseDDIMScheduler(_PerSampleNoiseMixin, RespacedDDIMScheduler):
-    """Respaced DDIM whose ``eta > 0`` noise comes from per-sample generators (when set)."""
-
-
-def _per_sample_sampler(scheduler: Scheduler) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
-    """Respaced copy of ``scheduler`` (after ``set_timesteps``) that can draw its noise per sample."""
-    base = respace_scheduler(scheduler)
-    if isinstance(base, RespacedDDIMScheduler):
-        return _PerSampleNoiseDDIMScheduler.from_scheduler(base)  # type: ignore[return-value]
-    return _PerSampleNoiseDDPMScheduler.from_scheduler(base)  # type: ignore[return-value]
 
 
 class TileGenerator:
@@ -664,11 +632,11 @@ class GuidedTileGenerator(TileGenerator):
         return (self.autoencoder, self.diffusion_model, self.classifier)
 
     # ------------------------------------------------------------------ sampling
-    def _sampler(self) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
+    def _sampler(self) -> PerSampleNoiseDDPMScheduler | PerSampleNoiseDDIMScheduler:
         self.scheduler.set_timesteps(self.num_inference_steps)
-        return _per_sample_sampler(self.scheduler)
+        return per_sample_sampler(self.scheduler)
 
-    def _prepare(self) -> _PerSampleNoiseDDPMScheduler | _PerSampleNoiseDDIMScheduler:
+    def _prepare(self) -> PerSampleNoiseDDPMScheduler | PerSampleNoiseDDIMScheduler:
         return self._sampler()
 
     @torch.no_grad()

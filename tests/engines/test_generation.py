@@ -16,13 +16,13 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai_histodiff.engines.generation import (
     MANIFEST_FIELDS,
     GuidedTileGenerator,
-    _per_sample_sampler,
     merge_manifests,
     read_manifest,
     tile_filename,
     tile_seed,
 )
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
+from monai_histodiff.schedulers.per_sample import per_sample_sampler
 from monai_histodiff.networks.latent_classifier import TimeConditionedLatentClassifier
 from tests.tiny import tiny_autoencoder, tiny_unet
 
@@ -181,7 +181,7 @@ def test_per_sample_noise_matches_inferer_generator(nets, tmp_path, scheduler, e
     g = torch.Generator().manual_seed(tile_seed(7, 1, 2))
     noise = torch.randn((1, 3, 8, 8), generator=g)
     gen.scheduler.set_timesteps(5)
-    plain = _per_sample_sampler(gen.scheduler)  # without per-sample generators: the respaced parent's behaviour
+    plain = per_sample_sampler(gen.scheduler)  # without per-sample generators: the respaced parent's behaviour
     expected = gen.inferer.sample(
         noise, nets["ps_autoencoder"], nets["ps_diffusion_model"], nets["ps_classifier"], torch.tensor([1]),
         scheduler=plain, guidance_scale=3.0, eta=eta, verbose=False, generator=g,
