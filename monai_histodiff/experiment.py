@@ -777,7 +777,7 @@ def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.Pa
 
     from monai_histodiff.data.transforms import tile_transforms
     from monai_histodiff.handlers.image_grid import make_grid, save_grid
-    from monai_histodiff.handlers.selection import read_generation_manifest
+    from monai_histodiff.data.manifest import read_generation_manifest
 
     split = load_datalist(split_file)
     classes = list(split["classes"])

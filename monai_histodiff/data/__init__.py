@@ -19,7 +19,15 @@ from monai_histodiff.data.datalist import (
     scan_class_folders,
     write_datalist,
 )
+from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.download import DATASETS, download_dataset
+from monai_histodiff.data.manifest import (
+    MANIFEST_FIELDS,
+    MERGED_MANIFEST,
+    read_generation_manifest,
+    read_manifest,
+    tile_filename,
+)
 from monai_histodiff.data.prepare import ensure_split, load_labeled, prepare_labeled_split, prepare_unlabeled
 from monai_histodiff.data.split import check_groups_disjoint, make_split, stratified_sample, write_split
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
@@ -48,8 +56,14 @@ __all__ = [
     "save_class_map",
     "scan_class_folders",
     "write_datalist",
+    "atomic_write",
     "DATASETS",
     "download_dataset",
+    "MANIFEST_FIELDS",
+    "MERGED_MANIFEST",
+    "read_generation_manifest",
+    "read_manifest",
+    "tile_filename",
     "ensure_split",
     "load_labeled",
     "prepare_labeled_split",

@@ -133,16 +133,9 @@ __all__ += ["DECODER_MODULES", "DecoderFinetuneTrainer", "DecoderView", "decoder
 # --- end decoder fine-tuning ---
 
 # --- guided tile generation (bundles/generate.json) ---
-from monai_histodiff.engines.generation import (  # noqa: E402
-    MANIFEST_FIELDS,
-    GuidedTileGenerator,
-    merge_manifests,
-    read_manifest,
-    tile_filename,
-    tile_seed,
-)
+from monai_histodiff.engines.generation import GuidedTileGenerator, merge_manifests, tile_seed  # noqa: E402
 
-__all__ += ["MANIFEST_FIELDS", "GuidedTileGenerator", "merge_manifests", "read_manifest", "tile_filename", "tile_seed"]
+__all__ += ["GuidedTileGenerator", "merge_manifests", "tile_seed"]
 # --- end guided tile generation ---
 
 # --- stage settings: numeric ranges checked before a stage does any work ---

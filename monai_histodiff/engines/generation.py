@@ -40,6 +40,13 @@ from monai.utils import optional_import
 from PIL import Image
 
 from monai_histodiff.data.atomic import atomic_write
+from monai_histodiff.data.manifest import (
+    MANIFEST_FIELDS,
+    MERGED_MANIFEST,
+    RANK_MANIFEST_GLOB,
+    read_manifest,
+    tile_filename,
+)
 from monai_histodiff.data.transforms import to_uint8_image
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
@@ -53,36 +60,9 @@ from monai_histodiff.selection.rules import quotas_from_ratio
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = [
-    "MANIFEST_FIELDS",
-    "GuidedTileGenerator",
-    "TileGenerator",
-    "merge_manifests",
-    "read_manifest",
-    "tile_filename",
-    "tile_seed",
-]
+__all__ = ["GuidedTileGenerator", "TileGenerator", "merge_manifests", "tile_seed"]
 
 logger = logging.getLogger(__name__)
-
-#: Fields of every manifest row.
-MANIFEST_FIELDS = (
-    "file",
-    "class",
-    "class_index",
-    "index",
-    "seed",
-    "guidance_scale",
-    "guidance_window",
-    "steps",
-    "scheduler",
-    "eta",
-    "checkpoint_hashes",
-    "confidence",
-)
-
-MERGED_MANIFEST = "manifest.jsonl"
-_RANK_MANIFEST_GLOB = "manifest.rank*.jsonl"
 
 
 def tile_seed(seed: int, class_index: int, index: int) -> int:
@@ -98,38 +78,9 @@ def tile_seed(seed: int, class_index: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def tile_filename(class_name: str, index: int) -> str:
-    """Path of a tile relative to the output folder: ``<CLASS>/<CLASS>_<index:06d>.png``."""
-    return f"{class_name}/{class_name}_{int(index):06d}.png"
-
-
-def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """
-    Rows of a JSON-lines manifest; lines that do not parse to a dict with ``file``, ``class`` and ``index`` (e.g. a
-    last line truncated by a kill) are skipped. A missing file gives no rows.
-    """
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        return rows
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and all(k in row for k in ("file", "class", "index")):
-            rows.append(row)
-    return rows
-
-
 def _manifest_files(output_dir: str) -> list[str]:
     """Every manifest of ``output_dir`` (rank files and the merged one), oldest modification first."""
-    paths = glob.glob(os.path.join(glob.escape(output_dir), _RANK_MANIFEST_GLOB))
+    paths = glob.glob(os.path.join(glob.escape(output_dir), RANK_MANIFEST_GLOB))
     merged = os.path.join(output_dir, MERGED_MANIFEST)
     if os.path.isfile(merged):
         paths.append(merged)
@@ -140,8 +91,8 @@ def _valid_rows(output_dir: str, paths: Iterable[str]) -> dict[tuple[str, int], 
     """Rows of ``paths`` whose PNG exists, one per ``(class, index)``; a later row (newer file, later line) wins."""
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for path in paths:
-        for row in read_manifest(path):
-            if os.path.isfile(os.path.join(output_dir, str(row["file"]))):
+        for row in read_manifest(path, on_bad_line="skip", missing_ok=True, reader="generate (resume)"):
+            if "class" in row and "index" in row and os.path.isfile(os.path.join(output_dir, str(row["file"]))):
                 rows[(str(row["class"]), int(row["index"]))] = row
     return rows
 

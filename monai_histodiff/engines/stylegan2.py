@@ -274,7 +274,7 @@ class GanTileGenerator(TileGenerator):
     (the generator accepts one ``torch.Generator`` per sample), so a tile is the same made alone or in any batch, up
     to the networks' floating-point behaviour for different batch sizes.
 
-    Manifest rows have every field of :data:`~monai_histodiff.engines.generation.MANIFEST_FIELDS`; those of the
+    Manifest rows have every field of :data:`~monai_histodiff.data.manifest.MANIFEST_FIELDS`; those of the
     diffusion sampler (``guidance_scale``, ``guidance_window``, ``steps``, ``scheduler``, ``eta``) and ``confidence``
     (there is no classifier) are ``null``, and two more fields record ``truncation_psi`` and ``noise_mode``.
 

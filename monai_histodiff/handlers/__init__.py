@@ -52,9 +52,9 @@ __all__ += ["TimestepBucketAccuracy", "plot_timestep_accuracy"]
 # --- end latent classifier accuracy per timestep bucket ---
 
 # --- centroid-based selective augmentation ---
-from monai_histodiff.handlers.selection import CentroidSelectionHandler, read_generation_manifest  # noqa: E402
+from monai_histodiff.handlers.selection import CentroidSelectionHandler  # noqa: E402
 
-__all__ += ["CentroidSelectionHandler", "read_generation_manifest"]
+__all__ += ["CentroidSelectionHandler"]
 # --- end centroid-based selective augmentation ---
 
 # --- EMA with warm-up and its convergence record ---

@@ -32,7 +32,7 @@ from monai.utils import OptionalImportError, min_version, optional_import
 
 from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.datalist import class_counts, load_datalist, write_datalist
-from monai_histodiff.data.validation import CorruptFileError
+from monai_histodiff.data.manifest import read_generation_manifest
 from monai_histodiff.data.transforms import tile_transforms
 from monai_histodiff.selection import (
     BALANCE_MODES,
@@ -53,7 +53,7 @@ from monai_histodiff.selection import (
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
-__all__ = ["CentroidSelectionHandler", "SelectionShortError", "read_generation_manifest"]
+__all__ = ["CentroidSelectionHandler", "SelectionShortError"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,83 +69,6 @@ CLASSES_JSON = "classes.json"
 class SelectionShortError(ValueError):
     """Raised when the smallest class fill of a selection is below ``min_fill``: the row should not be trained."""
 
-
-_RERUN_GENERATE = ("rerun generate with the same output_dir: it regenerates the tiles that are missing or whose "
-                   "manifest line is broken, and rewrites manifest.jsonl")
-
-
-def read_generation_manifest(path: str | os.PathLike, classes: Sequence[str]) -> list[dict[str, Any]]:
-    """Read the generation manifest (JSON lines) into candidate items.
-
-    Each non-empty line is a JSON object with at least ``file`` (relative to the manifest's folder, or absolute) and
-    the target class as ``class_index`` (int) or ``class`` (a name in ``classes``); ``confidence`` (the generating
-    classifier's probability of the target class) is optional. When both ``class_index`` and ``class`` are given they
-    must agree.
-
-    Args:
-        path: the ``manifest.jsonl`` written by the generation stage.
-        classes: class names in index order (the datalist's ``classes``).
-
-    Returns:
-        One ``{"file": manifest entry, "image": absolute path, "label": index, "confidence": float or NaN}`` per line.
-
-    Raises:
-        FileNotFoundError: when the manifest or one of its tiles does not exist (both are named).
-        CorruptFileError: on a line that is not JSON (a ``ValueError``; e.g. cut by a killed run), naming the line.
-        ValueError: on a missing key, a class not in ``classes`` or an out-of-range ``class_index``
-            (the line and the value are named), or an empty manifest.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"generation manifest not found: {path}")
-    base = path.parent.resolve()
-    names = [str(c) for c in classes]
-    items: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorruptFileError(path, f"read_generation_manifest, line {lineno}", _RERUN_GENERATE,
-                                       f"not valid JSON: {e}") from None
-            if not isinstance(row, Mapping) or "file" not in row:
-                raise ValueError(f"{where}: a manifest row needs a 'file' entry, got {line.strip()[:200]!r}")
-            index = _manifest_class_index(row, names, where)
-            image = Path(row["file"]) if os.path.isabs(row["file"]) else base / row["file"]
-            if not image.is_file():
-                raise FileNotFoundError(f"{where}: synthetic tile not found: {image}; {_RERUN_GENERATE}")
-            conf = row.get("confidence")
-            items.append(
-                {
-                    "file": str(row["file"]),
-                    "image": str(image.resolve()),
-                    "label": index,
-                    "confidence": float("nan") if conf is None else float(conf),
-                }
-            )
-    if not items:
-        raise ValueError(f"generation manifest {path} lists no synthetic tiles.")
-    return items
-
-
-def _manifest_class_index(row: Mapping[str, Any], names: Sequence[str], where: str) -> int:
-    index = row.get("class_index")
-    name = row.get("class")
-    if index is None and name is None:
-        raise ValueError(f"{where}: a manifest row needs 'class_index' or 'class'.")
-    if index is not None:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(names):
-            raise ValueError(f"{where}: class_index {index!r} is not an index into the datalist classes {list(names)}.")
-    if name is not None:
-        if str(name) not in names:
-            raise ValueError(f"{where}: class {name!r} is not one of the datalist classes {list(names)}.")
-        if index is not None and names[index] != str(name):
-            raise ValueError(f"{where}: class_index {index} ({names[index]!r}) does not match class {name!r}.")
-        index = names.index(str(name))
-    return int(index)
 
 
 def _is_rank0() -> bool:
@@ -617,7 +540,8 @@ class CentroidSelectionHandler:
         cand_d = {i: result.distance[result.labels == i] for i in range(k)}
         quotas = [v["quota"] for v in report["per_class"].values()]
         try:
-            atomic_write(out / HISTOGRAMS_PNG, lambda p: plot_distance_histograms(real_d, cand_d, thresholds, classes, p))
+            atomic_write(out / HISTOGRAMS_PNG,
+                         lambda p: plot_distance_histograms(real_d, cand_d, thresholds, classes, p))
             reasons = result.reason_counts()
             atomic_write(out / KEPT_BY_CLASS_PNG, lambda p: plot_decisions_by_class(reasons, quotas, classes, p))
         except OptionalImportError as e:

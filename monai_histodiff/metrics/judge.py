@@ -161,7 +161,7 @@ def read_decisions(path: str | os.PathLike) -> dict[str, bool]:
 
 
 def _manifest_path(synthetic: str | os.PathLike) -> Path:
-    from monai_histodiff.engines.generation import MERGED_MANIFEST
+    from monai_histodiff.data.manifest import MERGED_MANIFEST
 
     path = Path(synthetic)
     return path / MERGED_MANIFEST if path.is_dir() else path
@@ -199,7 +199,7 @@ def judge_generated(judge_ckpt: str | os.PathLike, synthetic: str | os.PathLike,
     """
     from monai_histodiff.engines.loading import check_classes, checkpoint_classes, load_tile_classifier
     from monai_histodiff.handlers.checkpoint import load_checkpoint
-    from monai_histodiff.handlers.selection import read_generation_manifest
+    from monai_histodiff.data.manifest import read_generation_manifest
 
     classes = checkpoint_classes(judge_ckpt)
     split = load_datalist(split_file)

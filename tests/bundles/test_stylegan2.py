@@ -12,7 +12,8 @@ import torch
 import tests.bundles.test_settings_cli as settings_cli_tests
 import tests.engines.test_settings as settings_tests
 from monai_histodiff.data import load_datalist, tile_transforms
-from monai_histodiff.handlers import file_sha256, load_checkpoint, read_generation_manifest
+from monai_histodiff.data.manifest import read_generation_manifest
+from monai_histodiff.handlers import file_sha256, load_checkpoint
 from tests.bundles.conftest import FAST, SMALL, run_bundle
 
 TRAIN = ["bundles/train_stylegan2.json", *SMALL]

@@ -13,17 +13,11 @@ import torch.nn as nn
 from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from monai_histodiff.engines.generation import (
-    MANIFEST_FIELDS,
-    GuidedTileGenerator,
-    merge_manifests,
-    read_manifest,
-    tile_filename,
-    tile_seed,
-)
+from monai_histodiff.data.manifest import MANIFEST_FIELDS, read_manifest, tile_filename
+from monai_histodiff.engines.generation import GuidedTileGenerator, merge_manifests, tile_seed
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
-from monai_histodiff.schedulers.per_sample import per_sample_sampler
 from monai_histodiff.networks.latent_classifier import TimeConditionedLatentClassifier
+from monai_histodiff.schedulers.per_sample import per_sample_sampler
 from tests.tiny import tiny_autoencoder, tiny_unet
 
 CLASSES = ["TUM", "STR"]

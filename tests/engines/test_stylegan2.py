@@ -15,8 +15,9 @@ from PIL import Image
 
 import monai_histodiff.engines.stylegan2 as sg2_engines
 from monai_histodiff.engines import ClassGridSampler, GanTileGenerator, StyleGAN2Trainer, load_stylegan2_generator
-from monai_histodiff.engines.generation import MANIFEST_FIELDS, read_manifest, tile_filename, tile_seed
-from monai_histodiff.handlers import WarmupEMAHandler, read_generation_manifest, save_checkpoint
+from monai_histodiff.data.manifest import MANIFEST_FIELDS, read_generation_manifest, read_manifest, tile_filename
+from monai_histodiff.engines.generation import tile_seed
+from monai_histodiff.handlers import WarmupEMAHandler, save_checkpoint
 from monai_histodiff.networks import ConditionalStyleGAN2Discriminator, ConditionalStyleGAN2Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -353,7 +353,7 @@ def test_only_rank0_writes(scenario, tmp_path, monkeypatch):
 
 def test_manifest_cut_by_a_kill_names_the_line_and_the_rerun(tmp_path):
     from monai_histodiff.data.validation import CorruptFileError
-    from monai_histodiff.handlers.selection import read_generation_manifest
+    from monai_histodiff.data.manifest import read_generation_manifest
 
     (tmp_path / "A").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "A" / "A_000000.png")
