@@ -395,6 +395,7 @@ def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list
     while True:
         stages(stage, log_name=f"{stage}_round{len(rounds)}", counts=counts,
                synthetic_dir=synthetic_dir.as_posix(), **generation)
+        counts = _pool_sizes(synthetic_dir, classes, counts)  # a rerun finds the tiles of the earlier rounds too
         if not selective:
             rounds.append({"counts": dict(zip(classes, counts))})
             break
@@ -418,6 +419,14 @@ def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list
               f"{cfg.max_pool_factor}x the quota) class(es) {short} have fewer selectable tiles than the "
               f"{max_ratio:.0%} row needs; rows that need them are marked short in the table", flush=True)
     return {"rounds": rounds, "max_ratio": max_ratio, "short_classes": short}
+
+
+def _pool_sizes(synthetic_dir: Path, classes: list[str], requested: list[int]) -> list[int]:
+    """Tiles per class in a generation folder's manifest, at least what was requested of it."""
+    from monai_histodiff.data.manifest import read_manifest
+
+    rows = read_manifest(synthetic_dir / "manifest.jsonl", missing_ok=True)
+    return [max(n, sum(1 for r in rows if r.get("class") == c)) for c, n in zip(classes, requested)]
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:

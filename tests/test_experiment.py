@@ -228,3 +228,15 @@ def test_stylegan2_rows_and_a_rerun_that_reuses_every_row(toy_labeled_site, tmp_
     assert set(rerun) <= {"generate_stylegan2", "select"} and "train_downstream" not in rerun, rerun
     assert all(json.loads(line)["log"].startswith(("generate_stylegan2_round", "stylegan2_pool_check"))
                for line in (run_dir / "commands.jsonl").read_text().splitlines()[first:])
+
+
+def test_pool_record_counts_the_tiles_a_rerun_finds(tmp_path):
+    """A rerun's first round finds every tile of the earlier rounds: the record (and the top-up's acceptance rate)
+    uses what the pool holds, not what that round asked for."""
+    from monai_histodiff.experiment import _pool_sizes
+
+    rows = [{"file": f"A/A_{i:06d}.png", "class": "A", "index": i} for i in range(5)]
+    rows += [{"file": f"B/B_{i:06d}.png", "class": "B", "index": i} for i in range(2)]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _pool_sizes(tmp_path, ["A", "B"], [3, 3]) == [5, 3]
+    assert _pool_sizes(tmp_path / "absent", ["A", "B"], [3, 3]) == [3, 3]
