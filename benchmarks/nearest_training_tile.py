@@ -4,8 +4,8 @@
 
 A generator trained on the small labeled set (the StyleGAN2 baseline, or HistoDiffusion without pre-training) can
 score well on the judge and on the Frechet distance to those very tiles by reproducing them. For each generation folder
-given, and for real test tiles of the split (held out from every stage; their groups are disjoint from the training
-tiles'), this prints the distance of each tile to its nearest labeled training tile, in the judge's feature space
+given, and for the real test tiles of the split (held out from every stage; their groups are disjoint from the
+training tiles'), this prints the distance of each tile to its nearest labeled training tile, in the judge's feature space
 (cosine distance of L2-normalised features) and in pixels (RMS difference in [-1, 1]): quantiles, and the share of
 generated tiles nearer to a training tile than the nearest 1% of test tiles are. Tiles that copy their training tiles
 sit far below the test tiles' distances; tiles from the same distribution sit alongside them.
@@ -14,7 +14,10 @@ sit far below the test tiles' distances; tiles from the same distribution sit al
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,9 +27,6 @@ from monai_histodiff.data import load_datalist, read_generation_manifest, tile_t
 from monai_histodiff.engines.loading import load_tile_classifier
 from monai_histodiff.handlers.checkpoint import load_checkpoint
 from monai_histodiff.selection.features import extract_features
-
-TEST_TILES = 600  # per split, the first of the test list (a fixed, seeded order)
-
 
 def _tiles(items: list[dict], image_size: int) -> torch.Tensor:
     load = tile_transforms(image_size)
@@ -60,11 +60,13 @@ def main(run: str, folders: list[str]) -> dict:
         return extract_features(judge, loader)[0]
 
     training = split["training"]
-    sets = {"real test tiles": split["test"][:TEST_TILES]}
+    sets = {"real test tiles": split["test"]}
     for folder in folders:
         sets[folder] = read_generation_manifest(root / folder / "manifest.jsonl", split["classes"])
     ref_f, ref_x = feats(training), _tiles(training, image_size)
-    out: dict = {"run": str(root), "training_tiles": len(training), "sets": {}}
+    out: dict = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
+                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+                 "run": str(root), "training_tiles": len(training), "sets": {}}
     floors: dict[str, float] = {}
     for name, items in sets.items():
         d = {"judge_cosine": _nearest(feats(items), ref_f, "cosine"), "pixels_rms": _nearest(_tiles(items, image_size),
