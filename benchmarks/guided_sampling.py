@@ -18,6 +18,10 @@ decodes its latents with the same small ``AutoencoderKL`` at the end):
 - ``guided``: :class:`~monai_histodiff.inferers.ClassifierGuidedLatentDiffusionInferer` with the small
   ``TimeConditionedLatentClassifier`` (guidance scale 1 on every step), classifier gradient in one batch;
 - ``guided_mb<K>``: the same with ``classifier_batch_size=K`` (``--classifier_batch_size``, default 10);
+- ``stage`` (``--stage``): what ``bundles/generate.json`` runs, end to end from the loaded networks:
+  :class:`~monai_histodiff.engines.generation.GuidedTileGenerator` ``.run()`` into a fresh folder, the tiles spread
+  over the classes in one batch, with everything the stage adds around the sampler (per-tile seeds and per-sample
+  noise, the classifier's confidence at t = 0, PNG tiles written whole, the manifest, the class grids, the lock);
 - with ``--compile`` / ``--channels_last`` / ``--amp``: ``stock+<opts>`` and ``guided+<opts>`` as well, where the
   options are applied *in this script* (``torch.compile(unet)``, ``torch.compile(classifier)``,
   ``module.to(memory_format=torch.channels_last)`` and channels-last noise; AMP is the inferer's ``amp=True``
@@ -142,7 +146,7 @@ def _emit(obj: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- worker
 def parse_variant(variant: str) -> dict[str, Any]:
-    """``stock`` / ``guided`` / ``guided_mb10``, optionally ``+compile``, ``+channels_last``, ``+amp``."""
+    """``stock`` / ``guided`` / ``guided_mb10`` / ``stage``, optionally ``+compile``, ``+channels_last``, ``+amp``."""
     base, *opts = variant.split("+")
     unknown = set(opts) - {"compile", "channels_last", "amp"}
     if unknown:
@@ -150,10 +154,11 @@ def parse_variant(variant: str) -> dict[str, Any]:
     micro_batch = None
     if base.startswith("guided_mb"):
         micro_batch, base = int(base[len("guided_mb") :]), "guided"
-    if base not in ("stock", "guided"):
+    if base not in ("stock", "guided", "stage"):
         raise ValueError(f"unknown variant {variant!r}")
     return {
-        "guided": base == "guided",
+        "guided": base in ("guided", "stage"),
+        "stage": base == "stage",
         "classifier_batch_size": micro_batch,
         "compile": "compile" in opts,
         "channels_last": "channels_last" in opts,
@@ -196,6 +201,8 @@ def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, am
     from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
 
     autoencoder, unet, classifier, noise, labels = build(device, spec, batch_size)
+    if spec.get("stage"):
+        return _stage_runner(device, spec, batch_size, amp_dtype, autoencoder, unet, classifier)
 
     def run(num_steps: int) -> torch.Tensor:
         scheduler = DDIMScheduler(**SCHEDULER_ARGS)
@@ -210,6 +217,40 @@ def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, am
         inferer = LatentDiffusionInferer(scheduler, scale_factor=1.0)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=spec["amp"]):
             return inferer.sample(noise, autoencoder, unet, verbose=False)
+
+    return run
+
+
+def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None,
+                  autoencoder: torch.nn.Module, unet: torch.nn.Module, classifier: torch.nn.Module):
+    """``run(num_steps)``: the generate stage's engine writing ``batch_size`` tiles (spread over the classes, one
+    batch) into a fresh folder; returns the tiles read back."""
+    import tempfile
+
+    import numpy as np
+    from monai.networks.schedulers import DDIMScheduler
+    from PIL import Image
+
+    from monai_histodiff.engines.generation import GuidedTileGenerator
+    from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
+
+    counts = [batch_size // NUM_CLASSES + (c < batch_size % NUM_CLASSES) for c in range(NUM_CLASSES)]
+
+    def run(num_steps: int) -> torch.Tensor:
+        scheduler = DDIMScheduler(**SCHEDULER_ARGS)
+        with tempfile.TemporaryDirectory() as out:
+            generator = GuidedTileGenerator(
+                inferer=ClassifierGuidedLatentDiffusionInferer(scheduler, scale_factor=1.0), autoencoder=autoencoder,
+                diffusion_model=unet, classifier=classifier, scheduler=scheduler, num_inference_steps=num_steps,
+                class_names=[f"C{c}" for c in range(NUM_CLASSES)], counts=counts,
+                latent_shape=(3, LATENT_SIZE, LATENT_SIZE), output_dir=out, guidance_scale=1.0,
+                batch_size=batch_size, device=device, amp=spec["amp"], progress=False,
+            )  # fmt: skip
+            summary = generator.run()
+            if summary["generated"] != batch_size:
+                raise RuntimeError(f"stage wrote {summary['generated']} tiles, expected {batch_size}")
+            first = Path(out) / "C0" / "C0_000000.png"
+            return torch.from_numpy(np.asarray(Image.open(first), dtype=np.float32))
 
     return run
 
@@ -296,8 +337,12 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
     variants = ["stock", "guided"]
     if args.classifier_batch_size:
         variants.append(f"guided_mb{args.classifier_batch_size}")
+    if args.stage:
+        variants.append("stage")
     if opts:
         variants += ["stock+" + "+".join(opts), "guided+" + "+".join(opts)]
+        if args.stage:
+            variants.append("stage+" + "+".join(opts))
     workers = []
     for v in variants:  # warm up one at a time, so compilations do not compete for the CPU
         w = Worker(v, args)
@@ -401,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet + classifier")
     parser.add_argument("--channels_last", action="store_true", help="also time channels-last networks and latents")
     parser.add_argument("--amp", action="store_true", help="also time autocast (bf16 on CPU: usually slower)")
+    parser.add_argument("--stage", action="store_true", help="also time the generate stage's engine end to end")
     parser.add_argument("--paper_scale", action="store_true", help="paper-size classifier-gradient memory only")
     parser.add_argument("--paper_micro_batches", type=int, nargs="+", default=[50, 10, 2])
     parser.add_argument("--device", default="cpu")
@@ -430,6 +476,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         suffix = "".join(f"_{o}" for o, on in (("compiled", args.compile), ("amp", args.amp)) if on)
         if args.channels_last and not args.compile:
             suffix += "_channels_last"
+        if args.stage:
+            suffix += "_stage"
         name = "guided_sampling" + suffix
         result = {"benchmark": name, **sampling_benchmark(args)}
         result.update({
@@ -440,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "latent_classifier_args": {**CLASSIFIER_ARGS, "num_classes": NUM_CLASSES, "latent_size": LATENT_SIZE},
             "stock_path": "monai.inferers.LatentDiffusionInferer.sample (DDIMScheduler, no guidance) + decode",
             "guided_path": "ClassifierGuidedLatentDiffusionInferer.sample (guidance_scale=1 on every step) + decode",
+            "stage_path": "GuidedTileGenerator.run: per-tile seeds and noise, confidence, PNG tiles, manifest, grids",
         })  # fmt: skip
     result.update({
         "batch_size": args.batch_size,
