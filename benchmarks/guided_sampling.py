@@ -22,6 +22,8 @@ decodes its latents with the same small ``AutoencoderKL`` at the end):
   :class:`~monai_histodiff.engines.generation.GuidedTileGenerator` ``.run()`` into a fresh folder, the tiles spread
   over the classes in one batch, with everything the stage adds around the sampler (per-tile seeds and per-sample
   noise, the classifier's confidence at t = 0, PNG tiles written whole, the manifest, the class grids, the lock);
+- ``stage_every<K>`` (``--stage --guidance_interval K``): the same with the classifier gradient computed on every
+  K-th step and reused in between (the ``generate`` bundle's ``guidance_interval``);
 - with ``--compile`` / ``--channels_last`` / ``--amp``: ``stock+<opts>`` and ``guided+<opts>`` as well, where the
   options are applied *in this script* (``torch.compile(unet)``, ``torch.compile(classifier)``,
   ``module.to(memory_format=torch.channels_last)`` and channels-last noise; AMP is the inferer's ``amp=True``
@@ -151,7 +153,9 @@ def parse_variant(variant: str) -> dict[str, Any]:
     unknown = set(opts) - {"compile", "channels_last", "amp"}
     if unknown:
         raise ValueError(f"unknown options {unknown} in variant {variant!r}")
-    micro_batch = None
+    micro_batch, interval = None, 1
+    if base.startswith("stage_every"):
+        interval, base = int(base[len("stage_every") :]), "stage"
     if base.startswith("guided_mb"):
         micro_batch, base = int(base[len("guided_mb") :]), "guided"
     if base not in ("stock", "guided", "stage"):
@@ -159,6 +163,7 @@ def parse_variant(variant: str) -> dict[str, Any]:
     return {
         "guided": base in ("guided", "stage"),
         "stage": base == "stage",
+        "guidance_interval": interval,
         "classifier_batch_size": micro_batch,
         "compile": "compile" in opts,
         "channels_last": "channels_last" in opts,
@@ -245,6 +250,7 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
                 class_names=[f"C{c}" for c in range(NUM_CLASSES)], counts=counts,
                 latent_shape=(3, LATENT_SIZE, LATENT_SIZE), output_dir=out, guidance_scale=1.0,
                 batch_size=batch_size, device=device, amp=spec["amp"], progress=False,
+                guidance_interval=spec["guidance_interval"],
             )  # fmt: skip
             summary = generator.run()
             if summary["generated"] != batch_size:
@@ -337,12 +343,13 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
     variants = ["stock", "guided"]
     if args.classifier_batch_size:
         variants.append(f"guided_mb{args.classifier_batch_size}")
+    stages = []
     if args.stage:
-        variants.append("stage")
+        stages = ["stage"] + ([f"stage_every{args.guidance_interval}"] if args.guidance_interval > 1 else [])
+    variants += stages
     if opts:
         variants += ["stock+" + "+".join(opts), "guided+" + "+".join(opts)]
-        if args.stage:
-            variants.append("stage+" + "+".join(opts))
+        variants += [v + "+" + "+".join(opts) for v in stages]
     workers = []
     for v in variants:  # warm up one at a time, so compilations do not compete for the CPU
         w = Worker(v, args)
@@ -447,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--channels_last", action="store_true", help="also time channels-last networks and latents")
     parser.add_argument("--amp", action="store_true", help="also time autocast (bf16 on CPU: usually slower)")
     parser.add_argument("--stage", action="store_true", help="also time the generate stage's engine end to end")
+    parser.add_argument("--guidance_interval", type=int, default=1,
+                        help="with --stage, also time the stage guiding with a gradient every K steps")
     parser.add_argument("--paper_scale", action="store_true", help="paper-size classifier-gradient memory only")
     parser.add_argument("--paper_micro_batches", type=int, nargs="+", default=[50, 10, 2])
     parser.add_argument("--device", default="cpu")

@@ -190,6 +190,8 @@ class TileGenerator:
 
     #: the stage's name, in the lock's owner and the progress bar.
     stage = "generate"
+    #: values of settings that rows written before the setting existed had (not a change of settings).
+    setting_defaults: dict[str, Any] = {"guidance_interval": 1}
 
     def __init__(
         self,
@@ -422,7 +424,7 @@ class TileGenerator:
             if row is None:
                 continue
             expected = {**settings, "seed": tile_seed(self.seed, c, i)}
-            if any(row.get(k) != v for k, v in expected.items()):
+            if any(row.get(k, self.setting_defaults.get(k)) != v for k, v in expected.items()):
                 changed += 1
         if changed:
             logger.warning(
@@ -499,6 +501,8 @@ class GuidedTileGenerator(TileGenerator):
         output_dir: the output folder.
         guidance_scale: classifier guidance scale ``g`` (0: unguided).
         guidance_window: ``(t_min, t_max)``; guide only those timesteps (all when None).
+        guidance_interval: compute the guidance gradient every this many guided steps, reusing it in between (1:
+            every step, the paper's).
         eta: DDIM stochasticity (ignored by DDPM).
         batch_size: tiles per sampling batch.
         seed: base seed of :func:`tile_seed`.
@@ -529,6 +533,7 @@ class GuidedTileGenerator(TileGenerator):
         output_dir: str | os.PathLike,
         guidance_scale: float = 1.0,
         guidance_window: Sequence[int] | None = None,
+        guidance_interval: int = 1,
         eta: float = 0.0,
         batch_size: int = 16,
         seed: int = 0,
@@ -565,6 +570,7 @@ class GuidedTileGenerator(TileGenerator):
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
         self.guidance_window = None if guidance_window is None else (int(guidance_window[0]), int(guidance_window[1]))
+        self.guidance_interval = int(guidance_interval)
         self.eta = float(eta)
         self.amp = bool(amp)
         self.classifier_batch_size = classifier_batch_size
@@ -573,6 +579,7 @@ class GuidedTileGenerator(TileGenerator):
         return {
             "guidance_scale": self.guidance_scale,
             "guidance_window": None if self.guidance_window is None else list(self.guidance_window),
+            "guidance_interval": self.guidance_interval,
             "steps": self.num_inference_steps,
             "scheduler": type(self.scheduler).__name__,
             "eta": self.eta,
@@ -617,6 +624,7 @@ class GuidedTileGenerator(TileGenerator):
                 scheduler=sampler,
                 guidance_scale=self.guidance_scale,
                 guidance_window=self.guidance_window,
+                guidance_interval=self.guidance_interval,
                 classifier_batch_size=self.classifier_batch_size,
                 eta=self.eta,
                 verbose=False,

@@ -128,6 +128,7 @@ SETTING_RULES: dict[str, SettingRule] = {
     "ratio": _positive(note="synthetic tiles per real tile of each class"),
     "num_inference_steps": _count(),
     "guidance_scale": _non_negative(note="0: no guidance"),
+    "guidance_interval": _count(note="1: the guidance gradient at every guided step (the paper's)"),
     "eta": _fraction(note="0: DDIM, 1: DDPM-like noise"),
     # the StyleGAN2 baseline (bundles/train_stylegan2.json, bundles/generate_stylegan2.json)
     "z_dim": _count(),

@@ -65,6 +65,7 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
         guidance_window: tuple[int, int] | None = None,
         classifier_batch_size: int | None = None,
         eta: float = 0.0,
+        guidance_interval: int = 1,
         verbose: bool = True,
         generator: torch.Generator | None = None,
         return_latents: bool = False,
@@ -95,6 +96,8 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
                 ``t_min <= t <= t_max``; all steps when None.
             classifier_batch_size: compute the guidance gradient in micro-batches of this size (bounds the memory of
                 the classifier's graph); one batch when None.
+            guidance_interval: compute the gradient on every ``guidance_interval``-th guided step only (the first of
+                them included) and reuse the last one on the steps between; 1 (the paper's): every guided step.
             eta: DDIM stochasticity (0: deterministic DDIM); ignored by DDPM.
             verbose: show a tqdm progress bar.
             generator: random number generator for the sampling noise (DDPM, or DDIM with ``eta > 0``).
@@ -110,12 +113,15 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
             raise ValueError(f"need one label per sample, got {labels.shape[0]} for {input_noise.shape[0]} samples.")
         if classifier_batch_size is not None and classifier_batch_size < 1:
             raise ValueError(f"`classifier_batch_size` must be positive, got {classifier_batch_size}.")
+        if isinstance(guidance_interval, bool) or not isinstance(guidance_interval, int) or guidance_interval < 1:
+            raise ValueError(f"`guidance_interval` must be an integer >= 1, got {guidance_interval!r}.")
         sampler = respace_scheduler(scheduler if scheduler is not None else self.scheduler)
         labels = labels.to(device=input_noise.device, dtype=torch.long)
 
         latent = input_noise.float()
         timesteps = sampler.timesteps
         progress = tqdm(timesteps, total=len(timesteps)) if verbose and has_tqdm else timesteps
+        last_grad, guided_steps = None, 0
         for t in progress:
             t_batch = torch.full((latent.shape[0],), int(t), device=latent.device, dtype=torch.long)
             with torch.autocast(device_type=latent.device.type, dtype=amp_dtype, enabled=amp):
@@ -124,7 +130,9 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
 
             grad = None
             if guidance_scale != 0 and self._in_window(int(t), guidance_window):
-                grad = self.classifier_gradient(classifier, latent, t_batch, labels, classifier_batch_size)
+                if guided_steps % guidance_interval == 0:
+                    last_grad = self.classifier_gradient(classifier, latent, t_batch, labels, classifier_batch_size)
+                grad, guided_steps = last_grad, guided_steps + 1
 
             if isinstance(sampler, RespacedDDIMScheduler):
                 eps = sampler.predict_epsilon(model_output, t, latent)

@@ -253,6 +253,26 @@ def test_guidance_window(scheduler_type):
 
 
 @pytest.mark.parametrize("scheduler_type", [RespacedDDIMScheduler, RespacedDDPMScheduler])
+def test_guidance_interval_reuses_the_last_gradient(scheduler_type):
+    """With guidance_interval k the classifier runs on guided steps 0, k, 2k, ... only (inside a window: counted from
+    its first step); 1 is the paper's every-step guidance, bit for bit."""
+    scheduler = scheduler_type(1000, **SCHEDULE)
+    scheduler.set_timesteps(20)
+    every = _guided(scheduler, guidance_scale=1.0)
+    assert torch.equal(_guided(scheduler, guidance_scale=1.0, guidance_interval=1), every)
+    classifier = _RecordingClassifier(scheduler.alphas_cumprod, mixture_means())
+    every3 = _guided(scheduler, classifier, guidance_scale=1.0, guidance_interval=3)
+    assert [t for t, _ in classifier.calls] == scheduler.timesteps[::3].tolist()
+    assert not torch.equal(every3, every) and not torch.equal(every3, _guided(scheduler, guidance_scale=0.0))
+    window = (0, int(scheduler.timesteps[10]))
+    classifier = _RecordingClassifier(scheduler.alphas_cumprod, mixture_means())
+    _guided(scheduler, classifier, guidance_scale=1.0, guidance_window=window, guidance_interval=4)
+    assert [t for t, _ in classifier.calls] == scheduler.timesteps[10::4].tolist()
+    with pytest.raises(ValueError, match="guidance_interval"):
+        _guided(scheduler, guidance_scale=1.0, guidance_interval=0)
+
+
+@pytest.mark.parametrize("scheduler_type", [RespacedDDIMScheduler, RespacedDDPMScheduler])
 def test_classifier_micro_batches_give_the_same_samples(scheduler_type):
     scheduler = scheduler_type(1000, **SCHEDULE)
     scheduler.set_timesteps(20)
