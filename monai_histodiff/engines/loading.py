@@ -17,6 +17,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.handlers.checkpoint import load_checkpoint, verify_parent
 
 __all__ = [
@@ -67,7 +68,15 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     ckpt = load_checkpoint(path, stage="pretrain_diffusion", reader="load_diffusion")
     if autoencoder_path is not None:
         verify_parent(ckpt, "autoencoder", autoencoder_path)
-    model = DiffusionModelUNet(**ckpt["meta"]["config"]["diffusion_args"])
+    model = _load_weights(DiffusionModelUNet(**ckpt["meta"]["config"]["diffusion_args"]), ckpt, "diffusion", path,
+                          use_ema)
+    return model.to(device).eval(), ckpt["meta"]
+
+
+def _load_weights(model: torch.nn.Module, ckpt: dict[str, Any], name: str, path: str | os.PathLike,
+                  use_ema: bool) -> torch.nn.Module:
+    """Load a checkpoint's EMA weights into ``model`` when stored and ``use_ema`` (warning when that EMA still holds
+    over 10% of its random initialisation), else its trained weights ``state[name]``."""
     state = ckpt["state"]
     if use_ema and "ema" in state:
         from monai_histodiff.handlers.ema import ema_summary_from_checkpoint, warn_if_unconverged
@@ -75,8 +84,15 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
         warn_if_unconverged(ema_summary_from_checkpoint(ckpt), str(path))
         model.load_state_dict(state["ema"])
     else:
-        model.load_state_dict(state["diffusion"])
-    return model.to(device).eval(), ckpt["meta"]
+        model.load_state_dict(state[name])
+    return model
+
+
+def _check_trained_size(trained: Any, image_size: int, path: str | os.PathLike, what: str) -> None:
+    """Raise, naming ``path``, when ``image_size`` differs from the tile size ``trained`` the file was made at."""
+    if trained is not None and int(trained) != int(image_size):
+        raise ValueError(f"image_size={image_size} but {path} was {what} at image_size={trained}: use the same size "
+                         f"(bundles/small.json for the small checkpoints, none for paper scale)")
 
 
 def diffusion_meta(path: str | os.PathLike, autoencoder_path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -158,19 +174,9 @@ def load_stylegan2_generator(path: str | os.PathLike, device: str | torch.device
 
     ckpt = load_checkpoint(path, stage="train_stylegan2", reader="load_stylegan2_generator")
     args = ckpt["meta"]["config"]["generator_args"]
-    if image_size is not None and int(args["image_size"]) != int(image_size):
-        raise ValueError(f"image_size={image_size} but {path} was trained at image_size={args['image_size']}: use the "
-                         f"same size (bundles/small.json for a generator trained at the small size, none for paper "
-                         f"scale)")
-    model = ConditionalStyleGAN2Generator(**args)
-    state = ckpt["state"]
-    if use_ema and "ema" in state:
-        from monai_histodiff.handlers.ema import ema_summary_from_checkpoint, warn_if_unconverged
-
-        warn_if_unconverged(ema_summary_from_checkpoint(ckpt), str(path))
-        model.load_state_dict(state["ema"])
-    else:
-        model.load_state_dict(state["generator"])
+    if image_size is not None:
+        _check_trained_size(args["image_size"], image_size, path, "trained")
+    model = _load_weights(ConditionalStyleGAN2Generator(**args), ckpt, "generator", path, use_ema)
     return model.to(device).eval()
 
 
@@ -194,15 +200,12 @@ def check_image_size(autoencoder_path: str | os.PathLike, image_size: int) -> No
     """Raise when ``image_size`` differs from the tile size the autoencoder was pre-trained at: the diffusion model,
     the latent classifier and generation all assume that latent size."""
     meta = load_checkpoint(autoencoder_path, stage="pretrain_autoencoder", reader="check_image_size")["meta"]
-    trained = meta["config"].get("image_size")
-    if trained is not None and int(trained) != int(image_size):
-        raise ValueError(f"image_size={image_size} but {autoencoder_path} was pre-trained at image_size={trained}: "
-                         f"use the same size (bundles/small.json for the small checkpoints, none for paper scale)")
+    _check_trained_size(meta["config"].get("image_size"), image_size, autoencoder_path, "pre-trained")
 
 
 def latent_shape_of(autoencoder: torch.nn.Module, image_size: int) -> list[int]:
     """``[C, h, w]`` of the latents ``autoencoder`` makes from ``image_size`` tiles (f read from the network)."""
-    ae = autoencoder.module if hasattr(autoencoder, "module") else autoencoder
+    ae = unwrap_model(autoencoder)
     device = next(ae.parameters()).device
     with torch.no_grad():
         z_mu, _ = ae.encode(torch.zeros(1, 3, image_size, image_size, device=device))
