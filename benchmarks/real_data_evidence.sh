@@ -23,12 +23,12 @@ sources = {**sources_in(h / "unlabeled"), "nct_crc": str(h / "nct_crc"), "kather
 write_datalist(unlabeled_datalist(sources, "size"), out / "unlabeled.json")
 PYEOF
 DATALIST="\$monai_histodiff.data.load_datalist('$OUT/unlabeled.json')['unlabeled']"
-SMALL="['bundles/pretrain_autoencoder.json','bundles/small.json']"
+SMALL="['bundles/common.json','bundles/pretrain_autoencoder.json','bundles/small.json']"
 [ -f "$OUT/pretrain_autoencoder/autoencoder.pt" ] || $PY -m monai.bundle run --config_file "$SMALL" \
     --output_dir "$OUT" --datalist "$DATALIST" --adv_start 250 --adv_weight 0.05
 echo "[evidence] autoencoder after $(( $(date +%s) - START )) s"
 [ -f "$OUT/pretrain_diffusion/diffusion.pt" ] || $PY -m monai.bundle run \
-    --config_file "['bundles/pretrain_diffusion.json','bundles/small.json']" --output_dir "$OUT" \
+    --config_file "['bundles/common.json','bundles/pretrain_diffusion.json','bundles/small.json']" --output_dir "$OUT" \
     --datalist "$DATALIST" --max_epochs 300 --warmup_steps 50 --sample_interval 20 --grid_inference_steps 25
 echo "[evidence] diffusion after $(( $(date +%s) - START )) s"
 COMMON=(--output_dir "$OUT" --dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600

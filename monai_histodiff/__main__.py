@@ -1,7 +1,8 @@
 """Command line of monai_histodiff: ``python -m monai_histodiff <command> --help``.
 
-Training stages run as MONAI bundles (``python -m monai.bundle run --config_file bundles/<stage>.json``); these
-commands prepare data, download datasets, and run the whole pipeline.
+Training stages run as MONAI bundles
+(``python -m monai.bundle run --config_file "['bundles/common.json','bundles/<stage>.json']"``); these commands prepare
+data, download datasets, and run the whole pipeline.
 """
 
 from __future__ import annotations
@@ -140,13 +141,20 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def _cmd_export_bundle(a: argparse.Namespace) -> int:
     from monai_histodiff.bundle_export import META_SCHEMA_FILE, export_bundle
+    from monai_histodiff.site_bundle import export_site_bundle
 
-    out = export_bundle(a.checkpoint, a.output, name=a.name, version=a.version, overwrite=a.overwrite)
-    print(f"wrote the MONAI bundle {out}")
+    if a.pretrained_runs:
+        out = export_site_bundle(a.pretrained_runs, a.output, name=a.name, version=a.version, small=a.small,
+                                 url_base=a.url_base, overwrite=a.overwrite)
+        print(f"wrote the adaptation kit {out} (commands in {out}/docs/README.md)")
+        first = f"python -m monai.bundle run --config_file {out}/configs/train_aux_classifier.json --bundle_root {out}"
+    else:
+        out = export_bundle(a.checkpoint, a.output, name=a.name, version=a.version, overwrite=a.overwrite)
+        print(f"wrote the MONAI bundle {out}")
+        first = f"python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out}"
     print(f"  verify: python -m monai.bundle verify_metadata --meta_file {out}/configs/metadata.json "
           f"--filepath {META_SCHEMA_FILE}")
-    print(f"  run:    python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
-          f"--dataset_dir <tiles>")
+    print(f"  run:    {first} --dataset_dir <tiles>")
     return 0
 
 
@@ -292,8 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--unlabeled_dir", default=None, help="unlabeled sources parent (default: $HISTODIFF_UNLABELED)")
     m.set_defaults(func=_cmd_demo)
 
-    e = sub.add_parser("export-bundle", help="export a downstream classifier checkpoint as a MONAI model-zoo bundle")
-    e.add_argument("--checkpoint", required=True, help="checkpoint of the train_downstream stage")
+    e = sub.add_parser("export-bundle", help="export a downstream classifier checkpoint, or the pre-trained models with "
+                                             "the configs a new site runs (the adaptation kit), as a MONAI bundle")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="checkpoint of the train_downstream stage: the classifier bundle")
+    what.add_argument("--pretrained_runs", help="run folder of pretrain_autoencoder and pretrain_diffusion: the "
+                                                "adaptation kit (configs of every site stage, models/, docs)")
+    e.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
+                   help="kit: merge the CPU size's settings (default: when the autoencoder's tile size is its)")
+    e.add_argument("--url_base", default=None, help="kit: write large_files.yml with these URLs instead of copying "
+                                                    "the checkpoints into models/")
     e.add_argument("--output", required=True, help="bundle folder to write")
     e.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     e.add_argument("--version", default="0.1.0", help="bundle version")

@@ -41,6 +41,9 @@ __all__ = [
     "META_SCHEMA_URL",
     "META_SCHEMA_FILE",
     "HISTODIFFUSION_REFERENCE",
+    "LICENSE_TEXT",
+    "LOGGING_CONF",
+    "package_version",
     "export_bundle",
     "bundle_network_def",
     "bundle_state_dict",
@@ -59,7 +62,7 @@ HISTODIFFUSION_REFERENCE = (
     "Pre-training. MICCAI 2023, LNCS 14221, pp. 754-764. https://doi.org/10.1007/978-3-031-43895-0_71"
 )
 
-_LOGGING_CONF = """[loggers]
+LOGGING_CONF = """[loggers]
 keys=root
 
 [handlers]
@@ -82,7 +85,7 @@ args=(sys.stdout,)
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
-_LICENSE = """Copyright (c) monai_histodiff developers
+LICENSE_TEXT = """Copyright (c) monai_histodiff developers
 
 Licensed under the Apache License, Version 2.0 (the "License");
 you may not use the files of this bundle except in compliance with the License.
@@ -152,9 +155,9 @@ def bundle_metadata(meta: Mapping[str, Any], classes: Sequence[str], image_size:
 
     versions = dict(meta.get("versions", {}))
     backbone = meta.get("config", {}).get("network_args", {}).get("backbone", "vit")
-    required = {"pytorch-ignite": _version("pytorch-ignite", "0.5.5"), "pillow": _version("pillow", "10.0")}
+    required = {"pytorch-ignite": package_version("pytorch-ignite", "0.5.5"), "pillow": package_version("pillow", "10.0")}
     if backbone != "resnet":
-        required["monai-histodiff"] = versions.get("monai_histodiff", _version("monai-histodiff", "0.1.0"))
+        required["monai-histodiff"] = versions.get("monai_histodiff", package_version("monai-histodiff", "0.1.0"))
     class_list = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))
     return {
         "schema": META_SCHEMA_URL,
@@ -212,7 +215,8 @@ def bundle_metadata(meta: Mapping[str, Any], classes: Sequence[str], image_size:
     }
 
 
-def _version(dist: str, default: str) -> str:
+def package_version(dist: str, default: str) -> str:
+    """The installed version of the distribution ``dist``, ``default`` when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -547,7 +551,7 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
     }
     for rel, content in files.items():
         (out / rel).write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
-    (out / "configs" / "logging.conf").write_text(_LOGGING_CONF, encoding="utf-8")
+    (out / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
     (out / "docs" / "README.md").write_text(_readme(name, meta, md, classes, image_size, backbone), encoding="utf-8")
-    (out / "LICENSE").write_text(_LICENSE, encoding="utf-8")
+    (out / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
     return out

@@ -625,10 +625,10 @@ def guidance_sweep(cfg: ExperimentConfig, out: Path, stages: _Stages, judge_ckpt
 def stage_hparam(stage: str, key: str, small: bool = True) -> Any:
     """A stage's training setting (``lr``, ``batch_size``, ``max_epochs``) as the bundles define it: the paper's
     (``bundles/common.json#hparams``) or, with ``small``, the CPU size's (``bundles/small.json#hparams``)."""
-    from monai_histodiff.pipeline import REPO_ROOT
+    from monai_histodiff.bundle_configs import config_dir
 
     name = "small" if small else "common"
-    hparams = json.loads((Path(REPO_ROOT) / "bundles" / f"{name}.json").read_text())["hparams"]
+    hparams = json.loads((config_dir() / f"{name}.json").read_text())["hparams"]
     if stage not in hparams or key not in hparams[stage]:
         raise KeyError(f"bundles/{name}.json#hparams has no '{stage}' -> '{key}'")
     return hparams[stage][key]

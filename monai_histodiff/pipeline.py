@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO_ROOT", "bundle_command", "run_stage", "StageError"]
+from monai_histodiff.bundle_configs import config_files
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["bundle_command", "run_stage", "StageError"]
 
 
 class StageError(RuntimeError):
@@ -28,9 +28,10 @@ def _literal(value: Any) -> str:
 
 
 def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] = (), **overrides: Any) -> list[str]:
-    """The ``python -m monai.bundle run`` command of ``stage`` with ``--key value`` overrides."""
-    configs = [f"bundles/{stage}.json", *(["bundles/small.json"] if small else []), *extra_configs]
-    config_arg = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    """The ``python -m monai.bundle run`` command of ``stage`` with ``--key value`` overrides: the installed configs
+    (:func:`~monai_histodiff.bundle_configs.config_files`) in MONAI's list form, so it runs from any folder."""
+    configs = config_files(stage, small, extra_configs)
+    config_arg = "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
     for key, value in overrides.items():
         if value is not None:
@@ -40,7 +41,7 @@ def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] 
 
 def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_configs: Sequence[str] = (),
               quiet: bool = False, **overrides: Any) -> float:
-    """Run one stage from the repository root, showing its output live and keeping it in ``<log_dir>/<stage>.log``.
+    """Run one stage in the current folder (relative paths in ``overrides`` are the caller's), showing its output live and keeping it in ``<log_dir>/<stage>.log``.
 
     Returns the wall time in seconds; raises :class:`StageError` when the stage fails.
     """
@@ -53,7 +54,7 @@ def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_
     print(f"\n[{tag}] python {shown}", flush=True)
     start = time.time()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]

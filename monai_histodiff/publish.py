@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ PRETRAINED = ("pretrain_autoencoder/autoencoder.pt", "pretrain_diffusion/diffusi
 
 
 def write_large_files(runs: str | os.PathLike, url_base: str, output: str | os.PathLike = "large_files.yml",
-                      target_dir: str = "runs") -> Path:
+                      target_dir: str = "runs", targets: Sequence[str] | None = None) -> Path:
     """List the pre-trained checkpoints found under ``runs`` with their sha256 and download addresses.
 
     Args:
@@ -33,13 +34,16 @@ def write_large_files(runs: str | os.PathLike, url_base: str, output: str | os.P
         url_base: where the pre-training site publishes the files; ``<url_base>/<stage>/<file>`` per checkpoint.
         output: the YAML file to write.
         target_dir: where a site's download puts them, relative to the bundle root (the bundles' ``output_dir``).
+        targets: the autoencoder's and the diffusion model's paths relative to the bundle root instead (the site
+            bundle's ``models/autoencoder.pt``, ``models/diffusion.pt``); ``target_dir/<stage>/<file>`` when None.
     """
     runs = Path(runs)
     entries, notes = [], []
-    for rel, stage in zip(PRETRAINED, ("pretrain_autoencoder", "pretrain_diffusion")):
+    targets = list(targets) if targets is not None else [f"{target_dir}/{rel}" for rel in PRETRAINED]
+    for rel, stage, target in zip(PRETRAINED, ("pretrain_autoencoder", "pretrain_diffusion"), targets):
         path = runs / rel
         meta = load_checkpoint(path, stage=stage)["meta"]  # only real checkpoints of these stages are listed
-        entries.append({"path": f"{target_dir}/{rel}", "url": f"{url_base.rstrip('/')}/{rel}",
+        entries.append({"path": target, "url": f"{url_base.rstrip('/')}/{rel}",
                         "hash_val": file_sha256(path), "hash_type": "sha256"})
         notes.append(f"#   {rel}: image_size {meta['config'].get('image_size')}, monai_histodiff "
                      f"{meta.get('versions', {}).get('monai_histodiff')}")

@@ -63,6 +63,7 @@ from monai_histodiff.engines.losses import (  # noqa: E402
 from monai_histodiff.engines.loading import (  # noqa: E402
     check_classes,
     check_image_size,
+    trained_image_size,
     checkpoint_classes,
     latent_shape_of,
     require_single_process,
@@ -103,6 +104,7 @@ __all__ += [
     "OutputLock",
     "check_classes",
     "check_image_size",
+    "trained_image_size",
     "checkpoint_classes",
     "latent_shape_of",
     "require_single_process",

@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_classes",
     "check_classes",
     "check_image_size",
+    "trained_image_size",
     "latent_shape_of",
     "require_single_process",
 ]
@@ -194,6 +195,20 @@ def check_classes(checkpoint_classes: list[str], split_classes: list[str], check
     if list(checkpoint_classes) != list(split_classes):
         raise ValueError(f"{checkpoint_path} was trained on classes {list(checkpoint_classes)} but {split_path} has "
                          f"{list(split_classes)}: retrain the classifier on this split or use the matching split")
+
+
+def trained_image_size(autoencoder_path: str | os.PathLike) -> int:
+    """The tile size the autoencoder in ``autoencoder_path`` was pre-trained at: the adaptation stages read their
+    ``image_size`` from it, so a site does not repeat the pre-training size on every stage.
+
+    Raises:
+        ValueError: naming the file when it records no tile size.
+    """
+    meta = load_checkpoint(autoencoder_path, stage="pretrain_autoencoder", reader="trained_image_size")["meta"]
+    size = meta.get("config", {}).get("image_size")
+    if size is None:
+        raise ValueError(f"{autoencoder_path} records no image_size (meta['config']); pass --image_size explicitly")
+    return int(size)
 
 
 def check_image_size(autoencoder_path: str | os.PathLike, image_size: int) -> None:

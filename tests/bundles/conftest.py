@@ -1,4 +1,5 @@
-"""Run bundles the way users do: ``python -m monai.bundle run --config_file ...`` from the repository root."""
+"""Run bundles the way users do: ``python -m monai.bundle run --config_file "['bundles/common.json', ...]"`` from the
+repository root."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_bundle(configs: list[str], timeout: int = 600, torchrun: int = 0, **overrides) -> subprocess.CompletedProcess:
-    """Run a bundle with the user's command form; overrides become ``--key value`` arguments. Raises on failure."""
+    """Run a bundle with the user's command form; overrides become ``--key value`` arguments. Raises on failure.
+
+    ``configs`` lists the stage config and its overrides; the shared ``bundles/common.json`` is merged first, as the
+    documented command does."""
     files = [str(c) for c in configs]
-    config_arg = files[0] if len(files) == 1 else json.dumps(files).replace('"', "'")
+    files = files if files[0] == COMMON else [COMMON, *files]
+    config_arg = json.dumps(files).replace('"', "'")
     launcher = [sys.executable, "-m", "monai.bundle"] if not torchrun else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "-m", "monai.bundle"]
     cmd = [*launcher, "run", "--config_file", config_arg]
@@ -30,6 +35,7 @@ def run_bundle(configs: list[str], timeout: int = 600, torchrun: int = 0, **over
     return proc
 
 
+COMMON = "bundles/common.json"
 SMALL = ["bundles/small.json"]
 FAST = {"num_workers": 0, "save_interval": 2, "grid_interval": 2}
 

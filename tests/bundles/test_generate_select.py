@@ -57,7 +57,8 @@ def test_generate_killed_then_resumed_completes_exactly(toy_labeled_site, tmp_pa
     site = toy_labeled_site
     out = tmp_path / "gen"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "['bundles/generate.json','bundles/small.json']", "--output_dir", str(site), "--synthetic_dir", str(out),
+           "['bundles/common.json','bundles/generate.json','bundles/small.json']", "--output_dir", str(site),
+           "--synthetic_dir", str(out),
            "--counts", "[5, 5, 5, 5]", "--num_inference_steps", "60", "--batch_size", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))

@@ -1,34 +1,92 @@
-"""A new site: the pre-trained checkpoints plus a second labeled dataset (Kather 2016: 8 classes, 150 px tiles, other
-class names) run adaptation, generation, selection, downstream training and evaluation with command-line overrides
-only."""
+"""A new site receives the pre-training site's adaptation kit (``export-bundle --pretrained_runs``: a MONAI bundle
+with the pre-trained checkpoints and one config per stage) and runs adaptation, generation, selection, downstream
+training and evaluation on a second labeled dataset (Kather 2016: 8 classes, 150 px tiles, other class names) with
+command-line overrides only, from a folder outside the repository, with monai_histodiff installed non-editable."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from monai_histodiff.bundle_export import META_SCHEMA_FILE
 from monai_histodiff.handlers import CheckpointMismatchError, file_sha256, load_checkpoint
-from tests.bundles.conftest import FAST, SMALL, run_bundle
+from tests.bundles.conftest import FAST, REPO
 
 
-def test_second_dataset_by_overrides_only(pretrained, kather2016_dir, tmp_path):
+def _install_non_editable(tmp: Path) -> Path:
+    """``pip install --target`` of a copy of the package source (so no build files land in the checkout)."""
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("monai_histodiff", "bundles"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp / "site-packages"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
+    return site
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kather2016_dir, tmp_path):
+    site_packages = _install_non_editable(tmp_path)
+    work = tmp_path / "anywhere"  # the site's working folder: no bundles/ here, no repository
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site_packages), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    where = _run([sys.executable, "-c", "import monai_histodiff.bundle_configs as b; print(b.__file__); "
+                  "print(b.config_dir())"], work, env).stdout.split()
+    assert all(Path(p).is_relative_to(site_packages) for p in where), where  # the installed copy, not the checkout
+
+    bundle = tmp_path / "histodiffusion_kit"
+    _run([sys.executable, "-m", "monai_histodiff", "export-bundle", "--pretrained_runs", str(pretrained),
+          "--output", str(bundle)], work, env)
+    configs = sorted(p.name for p in (bundle / "configs").iterdir())
+    assert configs == sorted([f"{s}.json" for s in ("train_aux_classifier", "finetune", "train_latent_classifier",
+                                                     "generate", "select", "train_downstream", "evaluate")]
+                             + ["metadata.json", "multi_gpu.json", "logging.conf"])
+    for c in configs:  # self-contained: nothing but prose names the repository's bundles/
+        content = json.loads((bundle / "configs" / c).read_text()) if c.endswith(".json") else {}
+        assert "bundles/" not in json.dumps({k: v for k, v in content.items() if not k.startswith("_")}), c
+    aux_cfg = json.loads((bundle / "configs" / "train_aux_classifier.json").read_text())
+    assert aux_cfg["image_size"] == "$monai_histodiff.engines.trained_image_size(@autoencoder_ckpt)"  # from the file
+    ckpts = bundle / "models"
+    assert file_sha256(ckpts / "autoencoder.pt") == file_sha256(pretrained / "pretrain_autoencoder" / "autoencoder.pt")
+    _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bundle / "configs/metadata.json"),
+          "--filepath", str(META_SCHEMA_FILE)], work, env)
+
     site = tmp_path / "site_runs"
-    ckpts = tmp_path / "downloaded"  # checkpoints received from the pre-training site, kept where the site wants
-    ckpts.mkdir()
-    shutil.copy(pretrained / "pretrain_autoencoder" / "autoencoder.pt", ckpts / "autoencoder.pt")
-    shutil.copy(pretrained / "pretrain_diffusion" / "diffusion.pt", ckpts / "diffusion.pt")
-    o = dict(output_dir=str(site), dataset_dir=str(kather2016_dir), autoencoder_ckpt=str(ckpts / "autoencoder.pt"),
-             diffusion_ckpt=str(ckpts / "diffusion.pt"), label_per_class=4, val_fraction=0.25, lr=2e-3, **FAST)
-    run_bundle(["bundles/train_aux_classifier.json", *SMALL], max_epochs=2, batch_size=8, **o)
-    run_bundle(["bundles/finetune.json", *SMALL], max_epochs=1, batch_size=4, **o)
-    run_bundle(["bundles/train_latent_classifier.json", *SMALL], max_epochs=2, batch_size=8, **o)
-    run_bundle(["bundles/generate.json", *SMALL], ratio=1.0, num_inference_steps=4, batch_size=8, **o)
-    run_bundle(["bundles/select.json", *SMALL], ratio=0.5, mode="random", **o)
-    run_bundle(["bundles/train_downstream.json", *SMALL], datalist_file=str(site / "select" / "augmented_datalist.json"),
-               max_epochs=1, batch_size=8, **o)
-    run_bundle(["bundles/evaluate.json", *SMALL], **o)
+
+    def stage(name: str, **overrides) -> None:
+        o = dict(dataset_dir=str(kather2016_dir), output_dir=str(site), label_per_class=4, val_fraction=0.25,
+                 lr=2e-3, **FAST, **overrides)
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / f"{name}.json"),
+               "--bundle_root", str(bundle)]
+        for k, v in o.items():
+            cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]
+        _run(cmd, work, env)
+
+    stage("train_aux_classifier", max_epochs=2, batch_size=8)
+    stage("finetune", max_epochs=1, batch_size=4)
+    stage("train_latent_classifier", max_epochs=2, batch_size=8)
+    stage("generate", ratio=1.0, num_inference_steps=4, batch_size=8)
+    stage("select", ratio=0.5, mode="random")
+    stage("train_downstream", datalist_file=str(site / "select" / "augmented_datalist.json"), max_epochs=1,
+          batch_size=8)
+    stage("evaluate")
+    assert sorted(p.name for p in work.iterdir()) == []  # nothing written in the working folder
 
     split = json.loads((site / "split.json").read_text())
     assert split["classes"] == ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA",
@@ -41,6 +99,7 @@ def test_second_dataset_by_overrides_only(pretrained, kather2016_dir, tmp_path):
     assert down["meta"]["classes"] == split["classes"] and down["meta"]["config"]["network_args"]["num_classes"] == 8
     # the received checkpoints were never modified, and everything built on them records their hashes
     assert file_sha256(ckpts / "autoencoder.pt") == file_sha256(pretrained / "pretrain_autoencoder" / "autoencoder.pt")
+    assert load_checkpoint(site / "train_aux_classifier" / "aux_classifier.pt")["meta"]["config"]["image_size"] == 64
     lat = load_checkpoint(site / "train_latent_classifier" / "latent_classifier.pt")
     assert lat["meta"]["parents"]["diffusion"]["sha256"] == file_sha256(ckpts / "diffusion.pt")
     # a mismatched pair is a clear error naming both files

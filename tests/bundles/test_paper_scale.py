@@ -7,12 +7,13 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.inferers import DiffusionInferer
 
+from monai_histodiff.bundle_configs import config_files
 from monai_histodiff.engines import AutoencoderKLTrainer, LatentDiffusionPrepareBatch
 
 
 def _parser(stage: str) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(f"bundles/{stage}.json")
+    parser.read_config(config_files(stage))
     parser["output_dir"] = "/tmp/unused"  # nothing is written: only definitions are parsed
     return parser
 

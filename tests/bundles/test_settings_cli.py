@@ -25,7 +25,8 @@ from tests.bundles.conftest import REPO, SMALL
 def test_bad_override_is_refused_before_any_work(tmp_path, stage, overrides, named):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           str([f"bundles/{stage}.json", *SMALL]), "--output_dir", str(out), "--dataset_dir", str(tmp_path / "none")]
+           str(["bundles/common.json", f"bundles/{stage}.json", *SMALL]), "--output_dir", str(out), "--dataset_dir",
+           str(tmp_path / "none")]
     for key, value in overrides.items():
         cmd += [f"--{key}", value]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,

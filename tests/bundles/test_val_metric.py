@@ -8,7 +8,7 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ConfusionMatrix, from_engine
 
-from tests.bundles.conftest import REPO
+from monai_histodiff.bundle_configs import config_files
 
 # 4 tiles, 3 classes: labels 0 1 2 0, argmax 0 2 2 1 -> top-1 = 2/4, while the per-class (TP + TN) / all accuracies
 # are 3/4, 2/4, 3/4 (mean 2/3)
@@ -25,10 +25,9 @@ def _evaluate(metric) -> float:
 
 
 @pytest.mark.parametrize("stage", ["train_aux_classifier", "train_downstream"])
-def test_val_acc_is_top1(stage, monkeypatch):
-    monkeypatch.chdir(REPO)  # the configs read bundles/common.json relative to the working directory
+def test_val_acc_is_top1(stage):
     parser = ConfigParser()
-    parser.read_config(f"bundles/{stage}.json")
+    parser.read_config(config_files(stage))
     assert _evaluate(parser.get_parsed_content("validate#key_metric")["val_acc"]) == pytest.approx(0.5)
 
 
