@@ -113,3 +113,30 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
 
     with pytest.raises(CheckpointMismatchError, match="latent_classifier.pt.*other_diffusion.pt"):
         load_latent_classifier(site / "train_latent_classifier" / "latent_classifier.pt", diffusion_path=other)
+
+
+def test_kit_with_published_checkpoints_and_refusals(pretrained, tmp_path):
+    """With ``url_base`` the kit lists the checkpoints (paths in ``models/``, sha256) instead of holding them; an
+    existing kit is not overwritten silently, and a diffusion model built on another autoencoder is refused."""
+    import torch
+    import yaml
+
+    from monai_histodiff.site_bundle import export_site_bundle
+
+    kit = export_site_bundle(pretrained, tmp_path / "kit", url_base="https://example.org/histodiff")
+    assert not any((kit / "models").iterdir())
+    entries = yaml.safe_load((kit / "large_files.yml").read_text())["large_files"]
+    assert [e["path"] for e in entries] == ["models/autoencoder.pt", "models/diffusion.pt"]
+    assert entries[1]["hash_val"] == file_sha256(pretrained / "pretrain_diffusion" / "diffusion.pt")
+    assert entries[0]["url"] == "https://example.org/histodiff/pretrain_autoencoder/autoencoder.pt"
+    with pytest.raises(FileExistsError, match="kit exists and is not empty"):
+        export_site_bundle(pretrained, kit)
+
+    other = tmp_path / "other_runs"
+    shutil.copytree(pretrained / "pretrain_diffusion", other / "pretrain_diffusion")
+    (other / "pretrain_autoencoder").mkdir()
+    ae = load_checkpoint(pretrained / "pretrain_autoencoder" / "autoencoder.pt")
+    ae["meta"]["note"] = "retrained"
+    torch.save(ae, other / "pretrain_autoencoder" / "autoencoder.pt")
+    with pytest.raises(CheckpointMismatchError, match="diffusion.pt was built on autoencoder"):
+        export_site_bundle(other, tmp_path / "kit2")

@@ -1,0 +1,62 @@
+"""The stage configs as a user's command merges them: common.json first, the stage, then size and multi-GPU files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from monai_histodiff.bundle_configs import config_dir, config_files, merged_config, stage_names
+from monai_histodiff.pipeline import bundle_command
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
+          "generate", "select", "train_downstream", "evaluate", "train_stylegan2", "generate_stylegan2"]
+
+
+def test_config_dir_is_the_checkout_and_lists_every_stage():
+    assert config_dir() == REPO / "bundles"  # an editable install reads the checkout's configs
+    assert stage_names() == sorted(STAGES)
+
+
+def test_config_files_order_and_extra_files():
+    files = config_files("generate", small=True, extra=["bundles/multi_gpu.json"])
+    assert [Path(f).name for f in files] == ["common.json", "generate.json", "small.json", "multi_gpu.json"]
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in files)
+    assert config_files("generate", extra=["/elsewhere/dump.json"])[-1] == "/elsewhere/dump.json"
+    with pytest.raises(FileNotFoundError, match="no stage config 'genrate'.*generate"):
+        config_files("genrate")
+    with pytest.raises(FileNotFoundError, match="no stage config 'small'"):
+        config_files("small")
+
+
+def test_bundle_command_uses_the_installed_list_form():
+    cmd = bundle_command("select", small=True, ratio=0.5)
+    files = json.loads(cmd[cmd.index("--config_file") + 1].replace("'", '"'))
+    assert files == config_files("select", small=True) and cmd[-2:] == ["--ratio", "0.5"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_refers_to_another_file_and_every_reference_resolves(stage):
+    """Stages name no file by path (no '%bundles/common.json#' macro); after the merge every '@id' a stage uses is
+    defined, at the paper's scale and at the CPU size."""
+    text = (config_dir() / f"{stage}.json").read_text()
+    assert "%" + "bundles/" not in text
+    for small in (False, True):
+        merged = merged_config(stage, small=small)
+        used = set(re.findall(r"@([A-Za-z_]\w*)", json.dumps(merged)))
+        assert used <= set(merged), (stage, small, sorted(used - set(merged)))
+
+
+def test_small_size_replaces_the_paper_scale():
+    paper, small = merged_config("pretrain_diffusion"), merged_config("pretrain_diffusion", small=True)
+    assert paper["image_size"] == 256 and small["image_size"] == 64
+    assert paper["diffusion_args"]["channels"] == [192, 384, 384, 768, 768]
+    assert small["hparams"]["pretrain_diffusion"]["lr"] == 1e-3 and paper["hparams"]["pretrain_diffusion"]["lr"] == 5e-5
+
+
+@pytest.mark.parametrize("stage", ["train_aux_classifier", "finetune", "train_latent_classifier", "generate"])
+def test_adaptation_stages_read_the_tile_size_from_the_autoencoder(stage):
+    assert merged_config(stage)["image_size"] == "$monai_histodiff.engines.trained_image_size(@autoencoder_ckpt)"
