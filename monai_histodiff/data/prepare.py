@@ -79,7 +79,7 @@ def prepare_labeled_split(
     check_class_images(items, classes, dataset, bad)
     test_items = None
     if test_dataset is not None:
-        test_items, test_classes = load_labeled(test_dataset, classes)
+        test_items, _ = load_labeled(test_dataset, classes)
         test_items, bad_test = scan_images(test_items, policy=bad_files, report_dir=out_dir)
         bad += bad_test
     duplicates = group_duplicate_files([*items, *(test_items or [])])  # hashes only the tiles without a group

@@ -70,7 +70,9 @@ def test_every_stage_checks_every_numeric_setting_first(stage):
             return value.startswith("@hparams#")
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    used = set(re.findall(r"@(\w+)", json.dumps(config)))  # the shared keys the stage reads (merged from common.json)
+    used = set(re.findall(r"@(\w+)", json.dumps(config)))  # shared keys the stage reads (common.json, merged first)
+    for key in sorted(used & set(common) - set(config)):  # and what the shared definitions it reads refer to
+        used |= set(re.findall(r"@(\w+)", json.dumps(common[key])))
     settings = {k for k, v in config.items() if numeric(v)} | {k for k, v in common.items() if k in used and numeric(v)}
     assert settings, stage
     assert settings <= {k for k, _ in checked}, sorted(settings - {k for k, _ in checked})
