@@ -82,10 +82,11 @@ def test_synthesize_task(setup: dict, tmp_path: Path) -> None:
     assert isinstance(task, BasicInferTask) and task.is_valid()
     first, result = task({"label": setup["classes"][1], "num_samples": 2, "output_dir": str(tmp_path),
                           "device": "cpu"})
-    assert result["class_index"] == 1 and len(result["files"]) == 2 and first == result["files"][0]
+    assert result["class_index"] == 1 and len(result["files"]) == 2 and first not in result["files"]
     from PIL import Image
 
-    assert Image.open(first).size == (16, 16)
+    assert [Image.open(f).size for f in result["files"]] == [(16, 16)] * 2
+    assert Image.open(first).size == (32, 16)  # the preview: both tiles side by side
 
 
 def test_app_and_train_task(setup: dict, tmp_path: Path) -> None:
@@ -107,3 +108,91 @@ def test_app_and_train_task(setup: dict, tmp_path: Path) -> None:
     trainer({"model": "tile_classifier", "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.25},
             _Store())
     assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_over_http(setup: dict, tmp_path: Path) -> None:
+    """``monailabel start_server`` with the exported bundle on a loopback port: over HTTP, label tiles, classify one,
+    ask ``synthesize`` for tiles of a class, and run one short training that replaces the bundle's weights."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    import requests
+
+    app = shutil.copytree(APP, tmp_path / "app", ignore=shutil.ignore_patterns("__pycache__", "model", "logs"))
+    bundle = shutil.copytree(setup["bundle"], tmp_path / "bundle")
+    studies = tmp_path / "studies"  # a flat datastore of the toy tiles; their classes are sent over HTTP
+    studies.mkdir()
+    tiles = {}
+    for tile in sorted(setup["toy"].rglob("*.png")):
+        tiles[tile.stem] = tile.parent.name
+        shutil.copy(tile, studies / tile.name)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    conf = {"bundle": str(bundle), **setup["ckpts"], "num_inference_steps": "2"}
+    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies",
+           str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    env = {**os.environ, "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.png", "*.txt"]', "OMP_NUM_THREADS": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its script runs `python`
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                info = requests.get(f"{url}/info/", timeout=5)
+                if info.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, (tmp_path / "server.log").read_text()[-4000:]
+            time.sleep(1)
+        info = info.json()
+        assert {"tile_classifier", "synthesize"} <= set(info["models"]) and "tile_classifier" in info["trainers"]
+
+        for image_id, cls in tiles.items():  # the class of each tile, as an annotator would save it
+            r = requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"},
+                             files={"label": (f"{image_id}.txt", cls.encode())}, timeout=30)
+            assert r.status_code == 200, r.text
+        listed = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
+        assert set(listed["objects"]) == set(tiles)
+
+        image_id = sorted(tiles)[0]
+        r = requests.post(f"{url}/infer/tile_classifier", params={"image": image_id, "output": "json"}, timeout=120)
+        assert r.status_code == 200, r.text
+        scores = {p["label"]: p["score"] for p in r.json()["prediction"]}
+        assert set(scores) == {c.lower() for c in setup["classes"]} and abs(sum(scores.values()) - 1) < 1e-4
+
+        out = tmp_path / "synth"
+        wanted = setup["classes"][2]
+        r = requests.post(f"{url}/infer/synthesize", params={"image": image_id, "output": "json"},
+                          data={"params": json.dumps({"label": wanted, "num_samples": 2, "output_dir": str(out)})},
+                          timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["label"] == wanted and r.json()["class_index"] == 2
+        assert sorted(r.json()["files"]) == sorted(str(f) for f in out.glob("*.png")) and len(r.json()["files"]) == 2
+
+        before = (bundle / "models" / "model.pt").stat().st_mtime_ns
+        r = requests.post(f"{url}/train/tile_classifier", params={"run_sync": "true"},
+                          json={"max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.25}, timeout=600)
+        assert r.status_code == 200, r.text
+        assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

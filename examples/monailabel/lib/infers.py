@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import AsDiscreted, SaveImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -38,8 +39,9 @@ class SynthesizeTilesInfer(BasicInferTask):
     Networks come from the monai_histodiff checkpoints (checked to belong together by their recorded parents):
     the pre-trained autoencoder (with the fine-tuned decoder when given), the diffusion model, and the time-dependent
     latent classifier. A request ``{"label": class name or index, "num_samples": 4, "guidance_scale": 3.0,
-    "num_inference_steps": 50, "seed": 0, "output_dir": optional}`` writes PNG tiles and returns the first file
-    and ``{"label", "class_index", "files"}``.
+    "num_inference_steps": 50, "seed": 0, "output_dir": optional}`` writes PNG tiles and returns a preview (the
+    tiles side by side, in a temporary file that MONAI Label deletes once it has sent it) and
+    ``{"label", "class_index", "files"}``.
 
     Args:
         autoencoder: ``pretrain_autoencoder`` checkpoint.
@@ -124,9 +126,14 @@ class SynthesizeTilesInfer(BasicInferTask):
                                 guidance_scale=float(req.get("guidance_scale", 3.0)), verbose=False)
         out = req.get("output_dir") or tempfile.mkdtemp(prefix="histodiff_synth_")
         os.makedirs(out, exist_ok=True)
-        files = []
+        files, arrays = [], []
         for i, tile in enumerate(images):
             f = os.path.join(out, f"{self.classes[idx]}_{int(req.get('seed', 0))}_{i:03d}.png")
-            Image.fromarray(to_uint8_image(tile)).save(f)
+            arrays.append(to_uint8_image(tile))
+            Image.fromarray(arrays[-1]).save(f)
             files.append(f)
-        return files[0] if files else None, {"label": self.classes[idx], "class_index": idx, "files": files}
+        # the result file MONAI Label sends back, and deletes after the response: a row of the tiles in its own
+        # temporary file, so that the tiles themselves stay where the request asked
+        preview = os.path.join(tempfile.mkdtemp(prefix="histodiff_preview_"), f"{self.classes[idx]}_preview.png")
+        Image.fromarray(np.concatenate(arrays, axis=1)).save(preview)
+        return preview, {"label": self.classes[idx], "class_index": idx, "files": files}
