@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--unlabeled_dir", default=None, help="unlabeled sources parent (default: $HISTODIFF_UNLABELED)")
     m.set_defaults(func=_cmd_demo)
 
-    e = sub.add_parser("export-bundle", help="export a downstream classifier checkpoint, or the pre-trained models with "
-                                             "the configs a new site runs (the adaptation kit), as a MONAI bundle")
+    e = sub.add_parser("export-bundle", help="export a downstream classifier checkpoint, or the pre-trained models "
+                                             "with the configs a new site runs (the adaptation kit), as a MONAI bundle")
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="checkpoint of the train_downstream stage: the classifier bundle")
     what.add_argument("--pretrained_runs", help="run folder of pretrain_autoencoder and pretrain_diffusion: the "

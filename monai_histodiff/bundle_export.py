@@ -155,7 +155,8 @@ def bundle_metadata(meta: Mapping[str, Any], classes: Sequence[str], image_size:
 
     versions = dict(meta.get("versions", {}))
     backbone = meta.get("config", {}).get("network_args", {}).get("backbone", "vit")
-    required = {"pytorch-ignite": package_version("pytorch-ignite", "0.5.5"), "pillow": package_version("pillow", "10.0")}
+    required = {"pytorch-ignite": package_version("pytorch-ignite", "0.5.5"),
+                "pillow": package_version("pillow", "10.0")}
     if backbone != "resnet":
         required["monai-histodiff"] = versions.get("monai_histodiff", package_version("monai-histodiff", "0.1.0"))
     class_list = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))

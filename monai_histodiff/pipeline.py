@@ -41,7 +41,8 @@ def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] 
 
 def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_configs: Sequence[str] = (),
               quiet: bool = False, **overrides: Any) -> float:
-    """Run one stage in the current folder (relative paths in ``overrides`` are the caller's), showing its output live and keeping it in ``<log_dir>/<stage>.log``.
+    """Run one stage in the current folder (relative paths in ``overrides`` are the caller's), showing its output
+    live and keeping it in ``<log_dir>/<stage>.log``.
 
     Returns the wall time in seconds; raises :class:`StageError` when the stage fails.
     """

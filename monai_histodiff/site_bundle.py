@@ -151,7 +151,8 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
     """Write the adaptation kit of the pre-trained checkpoints in ``runs`` to the folder ``output``.
 
     Args:
-        runs: the pre-training run folder (``pretrain_autoencoder/autoencoder.pt``, ``pretrain_diffusion/diffusion.pt``).
+        runs: the pre-training run folder (``pretrain_autoencoder/autoencoder.pt``,
+            ``pretrain_diffusion/diffusion.pt``).
         output: bundle folder to create.
         name: bundle name (metadata and README); the folder name when None.
         version: bundle version.
@@ -194,8 +195,9 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
 
     files: dict[str, Any] = {f"configs/{stage}.json": site_stage_config(stage, small) for stage in SITE_STAGES}
     files["configs/multi_gpu.json"] = json.loads((config_dir() / MULTI_GPU).read_text(encoding="utf-8"))
-    files["configs/multi_gpu.json"]["_doc"] = ("Merged after a stage config for torchrun: --config_file "
-                                               "\"['<bundle>/configs/<stage>.json','<bundle>/configs/multi_gpu.json']\"")
+    files["configs/multi_gpu.json"]["_doc"] = (
+        "Merged after a stage config for torchrun: --config_file "
+        "\"['<bundle>/configs/<stage>.json','<bundle>/configs/multi_gpu.json']\"")
     files["configs/metadata.json"] = site_metadata(ae_meta, image_size, version, name)
     for rel, content in files.items():
         (out / rel).write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
-from monai.handlers import ConfusionMatrix, from_engine
+from monai.handlers import ConfusionMatrix
 
 from monai_histodiff.bundle_configs import config_files
 
