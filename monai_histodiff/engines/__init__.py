@@ -63,6 +63,7 @@ from monai_histodiff.engines.losses import (  # noqa: E402
 from monai_histodiff.engines.loading import (  # noqa: E402
     check_classes,
     check_image_size,
+    check_split,
     trained_image_size,
     checkpoint_classes,
     latent_shape_of,
@@ -104,6 +105,7 @@ __all__ += [
     "OutputLock",
     "check_classes",
     "check_image_size",
+    "check_split",
     "trained_image_size",
     "checkpoint_classes",
     "latent_shape_of",

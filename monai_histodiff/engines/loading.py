@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_classes",
     "check_classes",
     "check_image_size",
+    "check_split",
     "trained_image_size",
     "latent_shape_of",
     "require_single_process",
@@ -209,6 +210,16 @@ def trained_image_size(autoencoder_path: str | os.PathLike) -> int:
     if size is None:
         raise ValueError(f"{autoencoder_path} records no image_size (meta['config']); pass --image_size explicitly")
     return int(size)
+
+
+def check_split(checkpoint_path: str | os.PathLike, split_file: str | os.PathLike) -> None:
+    """Raise :class:`~monai_histodiff.handlers.CheckpointMismatchError`, naming both files, when the checkpoint was
+    trained on another ``split.json`` than ``split_file`` (by sha256), so that a stage cannot mix a classifier trained
+    on one split with the real tiles of another (e.g. a split redrawn after the file was deleted or moved). A
+    checkpoint that records no split (one trained on a datalist) is not checked."""
+    ckpt = load_checkpoint(checkpoint_path, reader="check_split")
+    if "split" in ckpt["meta"].get("parents", {}):
+        verify_parent(ckpt, "split", split_file)
 
 
 def check_image_size(autoencoder_path: str | os.PathLike, image_size: int) -> None:
