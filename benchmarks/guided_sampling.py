@@ -81,23 +81,34 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 MARK = "@@GS@@ "  # prefix of the protocol lines a worker writes to stdout
 
-AE_ARGS = dict(
-    spatial_dims=2, in_channels=3, out_channels=3, channels=(32, 64, 64), latent_channels=3, num_res_blocks=1,
-    attention_levels=(False, False, False), with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
-    norm_num_groups=32,
-)  # fmt: skip
-UNET_ARGS = dict(
-    spatial_dims=2, in_channels=3, out_channels=3, channels=(32, 64, 64), attention_levels=(False, True, True),
-    num_res_blocks=1, num_head_channels=32, norm_num_groups=32,
-)  # fmt: skip
-CLASSIFIER_ARGS = dict(channels=(32, 64), num_res_blocks=1, norm_num_groups=32, num_heads=4)
-PAPER_CLASSIFIER_ARGS = dict(channels=(128, 256, 512), num_res_blocks=2, norm_num_groups=32, num_heads=8)
 SCHEDULER_ARGS = dict(
     num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0155,
     prediction_type="epsilon", clip_sample=False,
 )  # fmt: skip
 NUM_CLASSES = 9
-LATENT_SIZE = 16
+
+
+def sizes_of(name: str) -> dict[str, Any]:
+    """The networks' arguments at ``small`` (``bundles/small.json``: 64 px, 16x16x3 latents) or ``paper`` (the
+    bundles' defaults: 256 px, LDM-4 64x64x3 latents, the paper's UNet and latent classifier), read from the installed
+    bundle configs so the benchmark measures what the stages build."""
+    from monai.bundle import ConfigParser
+
+    from monai_histodiff.bundle_configs import config_files
+
+    if name not in ("small", "paper"):
+        raise ValueError(f"--sizes must be small or paper, got {name!r}")
+    parser = ConfigParser()
+    parser.read_config(config_files("pretrain_diffusion", small=name == "small"))
+    image_size = int(parser.get_parsed_content("image_size"))
+    ae = dict(parser.get_parsed_content("autoencoder_args"))
+    return {
+        "autoencoder_args": ae,
+        "diffusion_args": dict(parser.get_parsed_content("diffusion_args")),
+        "classifier_args": dict(parser.get_parsed_content("latent_classifier_args")),
+        "latent_size": image_size // 2 ** (len(ae["channels"]) - 1),
+        "image_size": image_size,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
@@ -171,22 +182,24 @@ def parse_variant(variant: str) -> dict[str, Any]:
     }
 
 
-def build(device: torch.device, spec: dict[str, Any], batch_size: int, seed: int = 0):
+def build(device: torch.device, spec: dict[str, Any], batch_size: int, seed: int = 0, sizes: str = "small"):
     """Networks (identical weights in every worker), noise and labels, with the variant's options applied."""
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     from monai_histodiff.networks import TimeConditionedLatentClassifier
 
+    size = sizes_of(sizes)
+    latent = size["latent_size"]
     torch.manual_seed(seed)
-    autoencoder = AutoencoderKL(**AE_ARGS).to(device).eval()
-    unet = DiffusionModelUNet(**UNET_ARGS).to(device).eval()
+    autoencoder = AutoencoderKL(**size["autoencoder_args"]).to(device).eval()
+    unet = DiffusionModelUNet(**size["diffusion_args"]).to(device).eval()
     classifier = TimeConditionedLatentClassifier(
-        num_classes=NUM_CLASSES, latent_size=LATENT_SIZE, **CLASSIFIER_ARGS
+        num_classes=NUM_CLASSES, latent_size=latent, **size["classifier_args"]
     ).to(device).eval()
     for net in (autoencoder, unet, classifier):
         net.requires_grad_(False)  # guidance needs d/dz only, not parameter gradients
     gen = torch.Generator().manual_seed(seed + 1)
-    noise = torch.randn(batch_size, 3, LATENT_SIZE, LATENT_SIZE, generator=gen).to(device)
+    noise = torch.randn(batch_size, 3, latent, latent, generator=gen).to(device)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen).to(device)
     if spec["channels_last"]:
         unet = unet.to(memory_format=torch.channels_last)
@@ -198,16 +211,18 @@ def build(device: torch.device, spec: dict[str, Any], batch_size: int, seed: int
     return autoencoder, unet, classifier, noise, labels
 
 
-def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None):
+def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None,
+                 sizes: str = "small"):
     """Return ``run(num_steps) -> images`` for the variant."""
     from monai.inferers import LatentDiffusionInferer
     from monai.networks.schedulers import DDIMScheduler
 
     from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
 
-    autoencoder, unet, classifier, noise, labels = build(device, spec, batch_size)
+    autoencoder, unet, classifier, noise, labels = build(device, spec, batch_size, sizes=sizes)
     if spec.get("stage"):
-        return _stage_runner(device, spec, batch_size, amp_dtype, autoencoder, unet, classifier)
+        return _stage_runner(device, spec, batch_size, amp_dtype, autoencoder, unet, classifier,
+                             latent_size=noise.shape[-1])
 
     def run(num_steps: int) -> torch.Tensor:
         scheduler = DDIMScheduler(**SCHEDULER_ARGS)
@@ -227,7 +242,8 @@ def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, am
 
 
 def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None,
-                  autoencoder: torch.nn.Module, unet: torch.nn.Module, classifier: torch.nn.Module):
+                  autoencoder: torch.nn.Module, unet: torch.nn.Module, classifier: torch.nn.Module,
+                  latent_size: int):
     """``run(num_steps)``: the generate stage's engine writing ``batch_size`` tiles (spread over the classes, one
     batch) into a fresh folder; returns the tiles read back."""
     import tempfile
@@ -248,7 +264,7 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
                 inferer=ClassifierGuidedLatentDiffusionInferer(scheduler, scale_factor=1.0), autoencoder=autoencoder,
                 diffusion_model=unet, classifier=classifier, scheduler=scheduler, num_inference_steps=num_steps,
                 class_names=[f"C{c}" for c in range(NUM_CLASSES)], counts=counts,
-                latent_shape=(3, LATENT_SIZE, LATENT_SIZE), output_dir=out, guidance_scale=1.0,
+                latent_shape=(3, latent_size, latent_size), output_dir=out, guidance_scale=1.0,
                 batch_size=batch_size, device=device, amp=spec["amp"], progress=False,
                 guidance_interval=spec["guidance_interval"],
             )  # fmt: skip
@@ -266,7 +282,7 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     spec = parse_variant(args.worker)
     amp_dtype = torch.bfloat16 if device.type == "cpu" else None
-    run = make_sampler(device, spec, args.batch_size, amp_dtype)
+    run = make_sampler(device, spec, args.batch_size, amp_dtype, sizes=args.sizes)
     t0 = time.perf_counter()
     with torch.no_grad():
         run(args.warmup_steps)
@@ -314,7 +330,7 @@ class Worker:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", args.device,
             "--threads", str(args.threads), "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-            "--warmup_steps", str(args.warmup_steps),
+            "--warmup_steps", str(args.warmup_steps), "--sizes", args.sizes,
         ]  # fmt: skip
         self.variant = variant
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -392,7 +408,8 @@ def paper_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     micro_batch = args.paper_worker
     torch.manual_seed(0)
-    net = TimeConditionedLatentClassifier(num_classes=NUM_CLASSES, latent_size=64, **PAPER_CLASSIFIER_ARGS)
+    paper = sizes_of("paper")["classifier_args"]
+    net = TimeConditionedLatentClassifier(num_classes=NUM_CLASSES, latent_size=64, **paper)
     net = net.to(device).eval().requires_grad_(False)
     z = torch.randn(args.batch_size, 3, 64, 64, device=device)
     t = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -437,7 +454,8 @@ def paper_benchmark(args: argparse.Namespace) -> dict:
         rows.append(row)
     return {
         "paper_scale": rows,
-        "classifier_args": {**PAPER_CLASSIFIER_ARGS, "num_classes": NUM_CLASSES, "latent_size": 64, "in_channels": 3},
+        "classifier_args": {**sizes_of("paper")["classifier_args"], "num_classes": NUM_CLASSES, "latent_size": 64,
+                            "in_channels": 3},
         "measured": "one classifier_gradient call (forward + backward to z_t) per fresh process",
     }
 
@@ -459,6 +477,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--paper_scale", action="store_true", help="paper-size classifier-gradient memory only")
     parser.add_argument("--paper_micro_batches", type=int, nargs="+", default=[50, 10, 2])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default="small", choices=["small", "paper"],
+                        help="network sizes: bundles/small.json's (CPU) or the paper's (GPU; see paper_scale_gpu.sh)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--output", default=None, help="result JSON (default: results/guided_sampling*.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -487,14 +507,19 @@ def main(argv: list[str] | None = None) -> dict | None:
             suffix += "_channels_last"
         if args.stage:
             suffix += "_stage"
+        if args.sizes == "paper":
+            suffix += "_paper_sizes"
         name = "guided_sampling" + suffix
         result = {"benchmark": name, **sampling_benchmark(args)}
+        size = sizes_of(args.sizes)
         result.update({
             "steps": args.steps, "warmup_steps": args.warmup_steps, "reps": args.reps,
             "guidance_scale": 1.0, "scheduler": "DDIMScheduler", "scheduler_args": SCHEDULER_ARGS,
-            "latent_shape": [3, LATENT_SIZE, LATENT_SIZE], "image_size": 4 * LATENT_SIZE,
-            "autoencoder_args": AE_ARGS, "diffusion_args": UNET_ARGS,
-            "latent_classifier_args": {**CLASSIFIER_ARGS, "num_classes": NUM_CLASSES, "latent_size": LATENT_SIZE},
+            "sizes": args.sizes, "latent_shape": [3, size["latent_size"], size["latent_size"]],
+            "image_size": size["image_size"], "autoencoder_args": size["autoencoder_args"],
+            "diffusion_args": size["diffusion_args"],
+            "latent_classifier_args": {**size["classifier_args"], "num_classes": NUM_CLASSES,
+                                       "latent_size": size["latent_size"]},
             "stock_path": "monai.inferers.LatentDiffusionInferer.sample (DDIMScheduler, no guidance) + decode",
             "guided_path": "ClassifierGuidedLatentDiffusionInferer.sample (guidance_scale=1 on every step) + decode",
             "stage_path": "GuidedTileGenerator.run: per-tile seeds and noise, confidence, PNG tiles, manifest, grids",

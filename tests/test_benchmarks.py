@@ -1,0 +1,37 @@
+"""The paper-scale GPU comparison script, run at the CPU size with two steps: what it would run on a GPU, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_scale_gpu_script_dry_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, SIZES="small", DEVICE="cpu", STEPS="2", REPS="1", BATCH="2", OMP_NUM_THREADS="2",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    subprocess.run(["bash", str(REPO / "benchmarks" / "paper_scale_gpu.sh"), str(out)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert [v["variant"] for v in result["variants"]] == [
+        "stock", "guided", "stage", "stage_every4", "stock+amp", "guided+amp", "stage+amp", "stage_every4+amp"]
+    assert all(v["tiles_per_s"] > 0 and len(v["times_s"]) == 1 for v in result["variants"])
+    assert result["steps"] == 2 and result["sizes"] == "small" and result["latent_shape"] == [3, 16, 16]
+    assert result["versions"]["torch"] and result["device"] == "cpu"
+
+
+def test_paper_sizes_are_the_bundles_defaults():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from guided_sampling import sizes_of
+    finally:
+        sys.path.pop(0)
+    paper = sizes_of("paper")
+    assert (paper["image_size"], paper["latent_size"]) == (256, 64)
+    assert paper["diffusion_args"]["channels"] == [192, 384, 384, 768, 768]
+    assert paper["autoencoder_args"]["channels"] == [128, 256, 512] and paper["classifier_args"]["num_heads"] == 8
