@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--pretrained_runs", help="run folder of pretrain_autoencoder and pretrain_diffusion: the "
                                                 "adaptation kit (configs of every site stage, models/, docs)")
     e.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
-                   help="kit: merge the CPU size's settings (default: when the autoencoder's tile size is its)")
+                   help="kit: merge the CPU size's settings (default: when the autoencoder was pre-trained at the "
+                        "CPU size's tile size)")
     e.add_argument("--url_base", default=None, help="kit: write large_files.yml with these URLs instead of copying "
                                                     "the checkpoints into models/")
     e.add_argument("--output", required=True, help="bundle folder to write")
