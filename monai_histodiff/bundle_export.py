@@ -41,9 +41,8 @@ __all__ = [
     "META_SCHEMA_URL",
     "META_SCHEMA_FILE",
     "HISTODIFFUSION_REFERENCE",
-    "LICENSE_TEXT",
-    "LOGGING_CONF",
     "package_version",
+    "new_bundle_folder",
     "export_bundle",
     "bundle_network_def",
     "bundle_state_dict",
@@ -62,7 +61,7 @@ HISTODIFFUSION_REFERENCE = (
     "Pre-training. MICCAI 2023, LNCS 14221, pp. 754-764. https://doi.org/10.1007/978-3-031-43895-0_71"
 )
 
-LOGGING_CONF = """[loggers]
+_LOGGING_CONF = """[loggers]
 keys=root
 
 [handlers]
@@ -85,7 +84,7 @@ args=(sys.stdout,)
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
-LICENSE_TEXT = """Copyright (c) monai_histodiff developers
+_LICENSE = """Copyright (c) monai_histodiff developers
 
 Licensed under the Apache License, Version 2.0 (the "License");
 you may not use the files of this bundle except in compliance with the License.
@@ -488,6 +487,25 @@ Apache-2.0 (see `LICENSE`). The terms of the training data also apply.
 """
 
 
+def new_bundle_folder(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Create the model-zoo layout every exported bundle shares: ``configs/`` (with ``logging.conf``), ``models/``,
+    ``docs/`` and ``LICENSE``.
+
+    Raises:
+        FileExistsError: ``output`` exists and is not empty, unless ``overwrite`` (then it is replaced).
+    """
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (use overwrite=True / --overwrite)")
+        shutil.rmtree(out)
+    for sub in ("configs", "models", "docs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "configs" / "logging.conf").write_text(_LOGGING_CONF, encoding="utf-8")
+    (out / "LICENSE").write_text(_LICENSE, encoding="utf-8")
+    return out
+
+
 def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name: str | None = None,
                   version: str = "0.1.0", overwrite: bool = False) -> Path:
     """Write a MONAI bundle of the downstream classifier in ``checkpoint`` to the folder ``output``.
@@ -526,14 +544,8 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
     backbone = network_args.get("backbone", "vit")
 
     TileClassifier(**network_args).load_state_dict(ckpt["state"]["classifier"])  # fail early on a bad checkpoint
-    out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (use overwrite=True / --overwrite)")
-        shutil.rmtree(out)
+    out = new_bundle_folder(output, overwrite)
     name = name or out.name
-    for sub in ("configs", "models", "docs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
 
     network_def = bundle_network_def(network_args)
     state = bundle_state_dict(ckpt["state"]["classifier"], network_args)
@@ -552,7 +564,5 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
     }
     for rel, content in files.items():
         (out / rel).write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
-    (out / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
     (out / "docs" / "README.md").write_text(_readme(name, meta, md, classes, image_size, backbone), encoding="utf-8")
-    (out / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
     return out

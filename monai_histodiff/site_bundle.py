@@ -167,7 +167,7 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
         the bundle folder.
     """
     from monai_histodiff.bundle_configs import MULTI_GPU, config_dir
-    from monai_histodiff.bundle_export import LICENSE_TEXT, LOGGING_CONF
+    from monai_histodiff.bundle_export import new_bundle_folder
     from monai_histodiff.engines.loading import trained_image_size
     from monai_histodiff.handlers.checkpoint import load_checkpoint, verify_parent
     from monai_histodiff.publish import PRETRAINED, write_large_files
@@ -184,14 +184,8 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
     if small is None:
         small = image_size == json.loads((config_dir() / "small.json").read_text())["image_size"]
 
-    out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (use overwrite=True / --overwrite)")
-        shutil.rmtree(out)
+    out = new_bundle_folder(output, overwrite)
     name = name or out.name
-    for sub in ("configs", "models", "docs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
 
     files: dict[str, Any] = {f"configs/{stage}.json": site_stage_config(stage, small) for stage in SITE_STAGES}
     files["configs/multi_gpu.json"] = json.loads((config_dir() / MULTI_GPU).read_text(encoding="utf-8"))
@@ -201,8 +195,6 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
     files["configs/metadata.json"] = site_metadata(ae_meta, image_size, version, name)
     for rel, content in files.items():
         (out / rel).write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
-    (out / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
-    (out / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
 
     if url_base is None:
         for src, rel in zip((ae_path, diff_path), MODEL_FILES.values()):
