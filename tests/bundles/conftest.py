@@ -14,13 +14,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_bundle(configs: list[str], timeout: int = 600, torchrun: int = 0, **overrides) -> subprocess.CompletedProcess:
+def run_bundle(configs: list[str], timeout: int = 600, torchrun: int = 0, cwd: Path | None = None,
+               **overrides) -> subprocess.CompletedProcess:
     """Run a bundle with the user's command form; overrides become ``--key value`` arguments. Raises on failure.
 
     ``configs`` lists the stage config and its overrides; the shared ``bundles/common.json`` is merged first, as the
-    documented command does."""
+    documented command does. ``cwd``: the working folder (default the repository; elsewhere the configs are named by
+    absolute path)."""
     files = [str(c) for c in configs]
     files = files if files[0] == COMMON else [COMMON, *files]
+    if cwd is not None:
+        files = [str(REPO / f) for f in files]
     config_arg = json.dumps(files).replace('"', "'")
     launcher = [sys.executable, "-m", "monai.bundle"] if not torchrun else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "-m", "monai.bundle"]
@@ -28,7 +32,7 @@ def run_bundle(configs: list[str], timeout: int = 600, torchrun: int = 0, **over
     for k, v in overrides.items():
         cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]  # fire reads Python literals: True, 1e-3, [1, 2]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")

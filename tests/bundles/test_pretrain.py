@@ -91,10 +91,13 @@ def test_torchrun_two_gloo_processes_identical_weights(pretrained, toy_unlabeled
         "$torch.save({k: v.detach().cpu() for k, v in monai_histodiff.engines.unwrap_model(@network).state_dict()"
         ".items()}, @output_dir + '/rank' + str(monai_histodiff.engines.get_rank()) + '.pt')",
         "$monai_histodiff.engines.cleanup_distributed()"]}))
-    run_bundle(["bundles/pretrain_diffusion.json", *SMALL, "bundles/multi_gpu.json", str(dump)], torchrun=2,
+    cwd = tmp_path / "working_folder"
+    cwd.mkdir()
+    run_bundle(["bundles/pretrain_diffusion.json", *SMALL, "bundles/multi_gpu.json", str(dump)], torchrun=2, cwd=cwd,
                dataset_dir=str(toy_unlabeled), output_dir=str(tmp_path), max_epochs=1, epoch_length=3, batch_size=2,
                scale_factor_batches=2, grid_inference_steps=2, num_grid_samples=2, **FAST)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     start = load_checkpoint(tmp_path / "pretrain_diffusion" / "diffusion.pt")["state"]["diffusion"]
     assert all(torch.equal(start[k], r0[k]) for k in r0)  # rank 0 wrote the checkpoint of the synchronised weights
+    assert not list(cwd.iterdir())  # no rank writes in the working folder (e.g. a TensorBoard writer's default ./runs)
