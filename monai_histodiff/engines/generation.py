@@ -28,8 +28,11 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -186,6 +189,9 @@ class TileGenerator:
         world_size: number of shards; from ``torch.distributed`` (else 1) when None.
         progress: show a tqdm progress bar over this rank's tiles.
         grid_size: number of tiles in each class's sample grid (0: no grids).
+        background_writer: encode and write each batch's PNG tiles and manifest rows in a background thread while
+            the next batch is sampled (at most one batch waits; an interrupted run still writes the batches it
+            sampled); False writes them before sampling the next batch.
     """
 
     #: the stage's name, in the lock's owner and the progress bar.
@@ -207,6 +213,7 @@ class TileGenerator:
         world_size: int | None = None,
         progress: bool = True,
         grid_size: int = 16,
+        background_writer: bool = True,
     ) -> None:
         self.class_names = [str(c) for c in class_names]
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
@@ -231,6 +238,7 @@ class TileGenerator:
         self.checkpoint_hashes = dict(checkpoint_hashes or {})
         self.progress = progress
         self.grid_size = int(grid_size)
+        self.background_writer = bool(background_writer)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -313,6 +321,27 @@ class TileGenerator:
             _write_jsonl_atomic(self.manifest_path, (own[k] for k in sorted(own)))
         return done
 
+    def _write_batch(self, manifest: Any, pairs: Sequence[tuple[int, int]], images: torch.Tensor,
+                     confidence: torch.Tensor | None, settings: Mapping[str, Any]) -> None:
+        """Write a batch's tiles, then append their manifest rows and flush them to disk: a row is never written
+        before its tile, so a run cut anywhere resumes from whole tiles (a cut line is dropped, its tile redone)."""
+        scores = [None] * len(pairs) if confidence is None else [float(v) for v in confidence.tolist()]
+        rows = []
+        for (c, i), image, conf in zip(pairs, images, scores):
+            self._write_tile(image, self.tile_path(c, i))
+            rows.append({"file": tile_filename(self.class_names[c], i), "class": self.class_names[c],
+                         "class_index": c, "index": i, "seed": tile_seed(self.seed, c, i), **settings,
+                         "confidence": conf})
+        try:
+            manifest.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            manifest.flush()
+            os.fsync(manifest.fileno())
+        except OSError as e:
+            full = no_space_error(self.manifest_path, e)
+            if full is None:
+                raise
+            raise full from e
+
     def _write_tile(self, image: torch.Tensor, path: str) -> None:
         """Write one PNG whole (temporary file, then rename); a failed write leaves no partial file, and a full disk
         raises ``OSError(ENOSPC)`` naming the tile."""
@@ -362,41 +391,55 @@ class TileGenerator:
         if self.progress and has_tqdm:
             bar = tqdm(total=len(todo), desc=f"{self.stage} (rank {self.rank})", unit="tile")
         generated = 0
+        writer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage}-writer") if self.background_writer else None
+        pending: deque[tuple[Future, Sequence[tuple[int, int]]]] = deque()
+
+        def written(pairs: Sequence[tuple[int, int]]) -> None:
+            nonlocal generated
+            generated += len(pairs)
+            for c, _ in pairs:
+                per_class[self.class_names[c]] += 1
+            if bar is not None:
+                bar.update(len(pairs))
+
+        failed = threading.Event()
+
+        def write_after(manifest: Any, pairs: Sequence[tuple[int, int]], images: torch.Tensor,
+                        confidence: torch.Tensor | None) -> bool:
+            """The writer thread's job: write a batch unless an earlier one failed (nothing is written after it)."""
+            if failed.is_set():
+                return False
+            try:
+                self._write_batch(manifest, pairs, images, confidence, settings)
+            except BaseException:
+                failed.set()
+                raise
+            return True
+
         try:
             with open(self.manifest_path, "a", encoding="utf-8") as manifest:
-                for b in range(0, len(todo), self.batch_size):
-                    pairs = todo[b : b + self.batch_size]
-                    images, confidence = self.generate_batch(pairs, context)
-                    scores = [None] * len(pairs) if confidence is None else [float(v) for v in confidence.tolist()]
-                    rows = []
-                    for (c, i), image, conf in zip(pairs, images, scores):
-                        self._write_tile(image, self.tile_path(c, i))
-                        rows.append(
-                            {
-                                "file": tile_filename(self.class_names[c], i),
-                                "class": self.class_names[c],
-                                "class_index": c,
-                                "index": i,
-                                "seed": tile_seed(self.seed, c, i),
-                                **settings,
-                                "confidence": conf,
-                            }
-                        )
-                    try:  # a line cut here (kill, full disk) is dropped and its tile redone on the next run
-                        manifest.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-                        manifest.flush()
-                        os.fsync(manifest.fileno())
-                    except OSError as e:
-                        full = no_space_error(self.manifest_path, e)
-                        if full is None:
-                            raise
-                        raise full from e
-                    generated += len(pairs)
-                    for c, _ in pairs:
-                        per_class[self.class_names[c]] += 1
-                    if bar is not None:
-                        bar.update(len(pairs))
+                try:
+                    for b in range(0, len(todo), self.batch_size):
+                        pairs = todo[b : b + self.batch_size]
+                        images, confidence = self.generate_batch(pairs, context)
+                        if writer is None:
+                            self._write_batch(manifest, pairs, images, confidence, settings)
+                            written(pairs)
+                            continue
+                        # a batch is written while the next one is sampled, and is on disk before a third is sampled
+                        pending.append((writer.submit(write_after, manifest, pairs, images, confidence), pairs))
+                        while len(pending) > 1:
+                            future, done_pairs = pending.popleft()
+                            if future.result():
+                                written(done_pairs)
+                finally:  # an interrupted run still records every batch it sampled (or raises the writer's error)
+                    while pending:
+                        future, done_pairs = pending.popleft()
+                        if future.result():
+                            written(done_pairs)
         finally:
+            if writer is not None:
+                writer.shutdown(wait=True)
             if bar is not None:
                 bar.close()
 
@@ -514,6 +557,8 @@ class GuidedTileGenerator(TileGenerator):
         world_size: number of shards; from ``torch.distributed`` (else 1) when None.
         progress: show a tqdm progress bar over this rank's tiles.
         grid_size: number of tiles in each class's sample grid (0: no grids).
+        background_writer: write each batch's tiles and manifest rows in a background thread while the next batch
+            is sampled (see :class:`TileGenerator`).
     """
 
     stage = "generate"
@@ -545,6 +590,7 @@ class GuidedTileGenerator(TileGenerator):
         world_size: int | None = None,
         progress: bool = True,
         grid_size: int = 16,
+        background_writer: bool = True,
     ) -> None:
         super().__init__(
             class_names=class_names,
@@ -558,6 +604,7 @@ class GuidedTileGenerator(TileGenerator):
             world_size=world_size,
             progress=progress,
             grid_size=grid_size,
+            background_writer=background_writer,
         )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}.")

@@ -295,6 +295,8 @@ class GanTileGenerator(TileGenerator):
         world_size: number of shards; from ``torch.distributed`` (else 1) when None.
         progress: show a tqdm progress bar over this rank's tiles.
         grid_size: number of tiles in each class's sample grid (0: no grids).
+        background_writer: write each batch's tiles and manifest rows in a background thread while the next batch
+            is sampled (see :class:`~monai_histodiff.engines.generation.TileGenerator`).
     """
 
     stage = "generate_stylegan2"
@@ -317,6 +319,7 @@ class GanTileGenerator(TileGenerator):
         world_size: int | None = None,
         progress: bool = True,
         grid_size: int = 16,
+        background_writer: bool = True,
     ) -> None:
         super().__init__(
             class_names=class_names,
@@ -330,6 +333,7 @@ class GanTileGenerator(TileGenerator):
             world_size=world_size,
             progress=progress,
             grid_size=grid_size,
+            background_writer=background_writer,
         )
         net = unwrap_model(generator)
         num_classes = getattr(net, "num_classes", None)

@@ -157,6 +157,28 @@ def test_tiles_independent_of_batch_size(nets, tmp_path, scheduler, eta):
         assert tiles == outputs[0][0] and rows == outputs[0][1]
 
 
+def test_background_writer_writes_what_the_foreground_writes(nets, tmp_path, monkeypatch):
+    """Written in a thread while the next batch is sampled, the tiles and rows are the same, and a batch's rows
+    never reach the manifest before its tiles are on disk."""
+    real, seen = GuidedTileGenerator._write_tile, []
+
+    def spy(self, image, path):
+        rows = read_manifest(self.manifest_path, missing_ok=True)
+        assert all(os.path.isfile(os.path.join(self.output_dir, r["file"])) for r in rows)
+        seen.append(len(rows))
+        real(self, image, path)
+
+    monkeypatch.setattr(GuidedTileGenerator, "_write_tile", spy)
+    outputs = {}
+    for background in (True, False):
+        out = str(tmp_path / f"bg{background}")
+        seen.clear()
+        _make(nets, out, batch_size=2, background_writer=background).run()
+        outputs[background] = (_tiles(out), _rows(out))
+        assert seen == [0, 0, 2, 2, 4, 4, 6]  # batches of 2, 2, 2, 1: each one's rows after its tiles
+    assert len(outputs[True][0]) == 7 and outputs[True] == outputs[False]
+
+
 def test_batch_size_changes_only_float_rounding(nets, tmp_path):
     """With the raw networks a batch and its single-tile runs differ at most in float rounding."""
     gen = _make(nets, str(tmp_path), per_sample=False)
@@ -196,9 +218,10 @@ def test_two_ranks_equal_one_rank(nets, tmp_path):
     assert _rows(sharded) == _rows(single)
 
 
-def test_resume_after_kill(nets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background_writer", [True, False])
+def test_resume_after_kill(nets, tmp_path, monkeypatch, background_writer):
     out = str(tmp_path / "gen")
-    gen = _make(nets, out, batch_size=2)
+    gen = _make(nets, out, batch_size=2, background_writer=background_writer)
     calls = {"n": 0}
     real = GuidedTileGenerator.generate_batch
 
@@ -215,7 +238,7 @@ def test_resume_after_kill(nets, tmp_path, monkeypatch):
 
     manifest = os.path.join(out, "manifest.rank0.jsonl")
     done = [r["file"] for r in read_manifest(manifest)]
-    assert len(done) == 4  # two batches of 2
+    assert len(done) == 4  # two batches of 2 (the background writer's pending one too)
     os.remove(os.path.join(out, done[0]))  # a row without its PNG: must be regenerated
     with open(manifest, "a") as f:
         f.write('{"file": "STR/STR_000002.png", "class": "ST')  # killed mid-row
@@ -302,7 +325,8 @@ def test_second_run_on_the_same_folder_is_refused(nets, tmp_path):
     assert summary["generated"] == 4 and len(_rows(str(out))) == 7 and not (out / ".lock").exists()
 
 
-def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background_writer", [True, False])
+def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, monkeypatch, background_writer):
     import errno
 
     from PIL import Image
@@ -321,11 +345,12 @@ def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, mon
     monkeypatch.setattr(Image.Image, "save", full_disk)
     target = os.path.join(out, tile_filename("STR", 0))  # batches of 3: TUM 0-2, then TUM 3, STR 0 (5th), ...
     with pytest.raises(OSError, match=r"No space left on device") as e:
-        _make(nets, out).run()
+        _make(nets, out, background_writer=background_writer).run()
     monkeypatch.undo()
     assert e.value.errno == errno.ENOSPC and e.value.filename == target
     assert not glob.glob(os.path.join(out, "*", ".*tmp")) and not os.path.exists(target)
     finished = _tiles(out)
+    # nothing after the failed batch is written (the background writer had the third batch queued)
     assert len(finished) == 4 and len(read_manifest(os.path.join(out, "manifest.rank0.jsonl"))) == 3
     assert not os.path.exists(os.path.join(out, ".lock"))  # released on the error
 
