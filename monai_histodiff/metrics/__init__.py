@@ -6,7 +6,7 @@ from __future__ import annotations
 from .classification import classification_report, plot_confusion_matrix, write_report_json
 from .evaluate import evaluate_classifier, predict, synthetic_frechet_distance
 from .frechet import FrechetDistanceReport, frechet_distance, frechet_distance_report, is_inception_extractor
-from .judge import conditional_accuracy, judge_datalist, judge_generated
+from .judge import conditional_accuracy, judge_datalist, judge_generated, paired_agreement
 
 __all__ = [
     "FrechetDistanceReport",
@@ -20,6 +20,7 @@ __all__ = [
     "is_inception_extractor",
     "judge_datalist",
     "judge_generated",
+    "paired_agreement",
     "plot_confusion_matrix",
     "write_report_json",
 ]

@@ -29,7 +29,8 @@ from monai_histodiff.data.datalist import class_counts, load_datalist
 from monai_histodiff.data.split import group_key, stratified_sample
 from monai_histodiff.metrics.evaluate import predict, synthetic_frechet_distance
 
-__all__ = ["JUDGE_REAL_REFERENCE", "judge_datalist", "conditional_accuracy", "judge_generated", "read_decisions"]
+__all__ = ["JUDGE_REAL_REFERENCE", "judge_datalist", "conditional_accuracy", "judge_generated", "paired_agreement",
+           "read_decisions"]
 
 #: What the Frechet distance of :func:`judge_generated` compares synthetic tiles with.
 JUDGE_REAL_REFERENCE = "split training + validation tiles"
@@ -170,7 +171,7 @@ def _manifest_path(synthetic: str | os.PathLike) -> Path:
 def judge_generated(judge_ckpt: str | os.PathLike, synthetic: str | os.PathLike, split_file: str | os.PathLike,
                     decisions_csv: str | os.PathLike | None = None, image_size: int | None = None,
                     fd_num_samples: int | None = 1000, batch_size: int = 64, device: str | torch.device = "cpu",
-                    amp: bool = False, seed: int = 0) -> dict[str, Any]:
+                    amp: bool = False, seed: int = 0, per_tile: bool = False) -> dict[str, Any]:
     """Measure a generation run with the judge: conditional accuracy (all / kept / rejected tiles) and the Frechet
     distance to real tiles in the judge's feature space.
 
@@ -187,6 +188,8 @@ def judge_generated(judge_ckpt: str | os.PathLike, synthetic: str | os.PathLike,
         device: where to run the judge.
         amp: run under ``torch.autocast``.
         seed: seed of the Frechet distance's subsampling.
+        per_tile: add ``"tiles"``, one ``{"file", "label", "pred"}`` per manifest row (for paired comparisons of two
+            runs that share tile seeds, :func:`paired_agreement`).
 
     Returns:
         ``{"judge", "split_file", "manifest", "conditional_accuracy", "frechet"}`` and, with ``decisions_csv``,
@@ -228,6 +231,8 @@ def judge_generated(judge_ckpt: str | os.PathLike, synthetic: str | os.PathLike,
         "conditional_accuracy": _tally(labels, preds, classes),
         "frechet": frechet(items),
     }
+    if per_tile:
+        out["tiles"] = [{"file": it["file"], "label": y, "pred": p} for it, y, p in zip(items, labels, preds)]
     if decisions_csv is not None:
         kept_of = read_decisions(decisions_csv)
         files = {it["file"] for it in items}
@@ -242,3 +247,42 @@ def judge_generated(judge_ckpt: str | os.PathLike, synthetic: str | os.PathLike,
         out["not_in_decisions"] = sum(1 for it in items if it["file"] not in kept_of)
         out["frechet_kept"] = frechet([it for it in items if kept_of.get(it["file"]) is True])
     return out
+
+
+def paired_agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Compare the judge's verdicts on two generation runs tile by tile (the same tile seeds, so the same ``file``).
+
+    Two runs of the same tiles with a different sampler setting differ only where the setting changed the judged
+    class, so the difference of their conditional accuracies is estimated from the discordant tiles (McNemar's
+    pairing): ``diff = (b - c) / n`` with ``b`` the tiles right only in ``other`` and ``c`` those right only in
+    ``reference``, and a normal-approximation 95% interval ``diff +- 1.96 sqrt(b + c - (b - c)^2 / n) / n``, much
+    narrower than two independent accuracies' intervals.
+
+    Args:
+        reference, other: the ``"tiles"`` of two :func:`judge_generated` results (``per_tile=True``).
+
+    Returns:
+        ``{"n", "both_right", "both_wrong", "only_reference_right", "only_other_right", "same_prediction", "diff",
+        "ci95"}`` over the tiles both runs have.
+
+    Raises:
+        ValueError: when the runs share no tile, or a shared tile was requested for different classes.
+    """
+    ref = {t["file"]: t for t in reference}
+    pairs = [(ref[t["file"]], t) for t in other if t["file"] in ref]
+    if not pairs:
+        raise ValueError("the two runs share no tile file: compare generation runs made with the same tile seeds")
+    mixed = [a["file"] for a, b in pairs if a["label"] != b["label"]]
+    if mixed:
+        raise ValueError(f"tile {mixed[0]!r} was requested for class {ref[mixed[0]]['label']} in one run and another "
+                         f"class in the other: not the same tiles")
+    n = len(pairs)
+    right = [(a["pred"] == a["label"], b["pred"] == b["label"]) for a, b in pairs]
+    c = sum(1 for r, o in right if r and not o)
+    b = sum(1 for r, o in right if o and not r)
+    half = 1.96 * max(b + c - (b - c) ** 2 / n, 0.0) ** 0.5 / n
+    diff = (b - c) / n
+    return {"n": n, "both_right": sum(1 for r, o in right if r and o),
+            "both_wrong": sum(1 for r, o in right if not (r or o)), "only_reference_right": c, "only_other_right": b,
+            "same_prediction": sum(1 for x, y in pairs if x["pred"] == y["pred"]), "diff": diff,
+            "ci95": [diff - half, diff + half]}

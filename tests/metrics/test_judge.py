@@ -14,7 +14,8 @@ from monai_histodiff.__main__ import main
 from monai_histodiff.data.datalist import class_counts
 from monai_histodiff.data.split import make_split, write_split
 from monai_histodiff.handlers.checkpoint import checkpoint_meta, save_checkpoint
-from monai_histodiff.metrics.judge import JUDGE_REAL_REFERENCE, conditional_accuracy, judge_datalist, judge_generated
+from monai_histodiff.metrics.judge import (JUDGE_REAL_REFERENCE, conditional_accuracy, judge_datalist, judge_generated,
+                                          paired_agreement)
 from monai_histodiff.networks import TileClassifier
 from monai_histodiff.selection.report import write_decisions_csv
 
@@ -130,6 +131,10 @@ def test_judge_generated_splits_kept_and_rejected(generated, one_thread):
     assert out["not_in_decisions"] == 1 and out["judge"]["image_size"] == 16
     assert out["frechet"]["real"] == JUDGE_REAL_REFERENCE and out["frechet"]["overall"] >= 0.0
     assert out["frechet"]["num_samples"] == 4 and out["frechet_kept"]["num_samples"] == 4
+    assert "tiles" not in out
+    tiles = judge_generated(g["ckpt"], g["gen"], g["split"], fd_num_samples=4, per_tile=True)["tiles"]
+    assert [(t["label"], t["pred"]) for t in tiles] == [(c, 1) for c in [0, 1, 1, 2, 1, 0, 0, 2]]
+    assert tiles[3]["file"] == "blue/003.png"
     # decisions of another run are refused, naming the file
     (g["root"] / "other.csv").write_text("file,class,kept\nnowhere.png,red,True\n")
     with pytest.raises(ValueError, match="nowhere.png"):
@@ -144,3 +149,23 @@ def test_judge_cli_writes_the_report(generated, one_thread, capsys):
     saved = json.loads(report.read_text())
     assert saved["conditional_accuracy"]["accuracy"] == 3 / 8 and "kept" not in saved
     assert "conditional accuracy" in capsys.readouterr().out
+
+
+def test_paired_agreement_counts_discordant_tiles():
+    def tiles(labels, preds, names=None):
+        return [{"file": n, "label": y, "pred": p} for n, y, p in zip(names or range(len(labels)), labels, preds)]
+
+    labels = [0, 0, 1, 1, 2, 2, 0, 1, 2, 0]
+    ref = tiles(labels, [0, 0, 1, 1, 2, 0, 1, 1, 0, 2])    # right: 0-4, 7 (6 of 10)
+    other = tiles(labels, [0, 0, 1, 2, 2, 2, 0, 1, 0, 2])  # right: 0-2, 4-7 (7 of 10); 3 lost, 5 and 6 won
+    out = paired_agreement(ref, other[::-1])  # matched by file, not by order
+    assert (out["n"], out["both_right"], out["both_wrong"]) == (10, 5, 2)
+    assert (out["only_reference_right"], out["only_other_right"]) == (1, 2)
+    assert out["diff"] == pytest.approx(0.1) and out["same_prediction"] == 7
+    half = 1.96 * (3 - 1 / 10) ** 0.5 / 10
+    assert out["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert paired_agreement(ref, ref)["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="share no tile"):
+        paired_agreement(ref, tiles(labels, labels, names=[f"x{i}" for i in range(10)]))
+    with pytest.raises(ValueError, match="tile 0"):
+        paired_agreement(ref, tiles([1] + labels[1:], labels))
