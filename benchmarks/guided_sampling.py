@@ -24,6 +24,9 @@ decodes its latents with the same small ``AutoencoderKL`` at the end):
   noise, the classifier's confidence at t = 0, PNG tiles written whole, the manifest, the class grids, the lock);
 - ``stage_every<K>`` (``--stage --guidance_interval K``): the same with the classifier gradient computed on every
   K-th step and reused in between (the ``generate`` bundle's ``guidance_interval``);
+- ``<stage variant>+sync_writes`` (``--sync_writes``): the stage writing each batch's PNG tiles and manifest rows
+  before it samples the next batch (``background_writer=False``) instead of in a background thread while it does;
+  measure it with ``--batches`` > 1, since a one-batch run has nothing to overlap;
 - with ``--compile`` / ``--channels_last`` / ``--amp``: ``stock+<opts>`` and ``guided+<opts>`` as well, where the
   options are applied *in this script* (``torch.compile(unet)``, ``torch.compile(classifier)``,
   ``module.to(memory_format=torch.channels_last)`` and channels-last noise; AMP is the inferer's ``amp=True``
@@ -36,7 +39,9 @@ Timing. Each variant lives in its own worker process (this script re-invoked wit
 the networks, warms up (one sampling run of ``--warmup_steps`` steps: same shapes, so it also triggers and excludes
 ``torch.compile``'s compilation), then waits. The parent then asks the workers for one full timed sampling run each,
 in turn, for ``--reps`` rounds (the order rotated every round), so that machine load hits all variants alike; only
-one worker computes at a time. Reported: the median over the rounds (and all the times).
+one worker computes at a time. Reported: the median over the rounds (and all the times). With ``--batches N`` every
+timed run makes N batches (the stage N x ``--batch_size`` tiles in one run, the samplers N calls), so tiles/s counts
+N x batch tiles. ``--variants`` names the variants to time instead of the ones the flags add.
 
 Peak memory. ``tracemalloc`` does not see torch's allocations, and ``ru_maxrss`` is a whole-process high-water mark
 that would mix phases and variants. So (1) every variant and every ``--paper_scale`` setting runs in a fresh process,
@@ -159,9 +164,10 @@ def _emit(obj: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- worker
 def parse_variant(variant: str) -> dict[str, Any]:
-    """``stock`` / ``guided`` / ``guided_mb10`` / ``stage``, optionally ``+compile``, ``+channels_last``, ``+amp``."""
+    """``stock`` / ``guided`` / ``guided_mb10`` / ``stage`` / ``stage_every<K>``, optionally ``+compile``,
+    ``+channels_last``, ``+amp`` and, for a stage variant, ``+sync_writes``."""
     base, *opts = variant.split("+")
-    unknown = set(opts) - {"compile", "channels_last", "amp"}
+    unknown = set(opts) - {"compile", "channels_last", "amp", "sync_writes"}
     if unknown:
         raise ValueError(f"unknown options {unknown} in variant {variant!r}")
     micro_batch, interval = None, 1
@@ -171,6 +177,8 @@ def parse_variant(variant: str) -> dict[str, Any]:
         micro_batch, base = int(base[len("guided_mb") :]), "guided"
     if base not in ("stock", "guided", "stage"):
         raise ValueError(f"unknown variant {variant!r}")
+    if "sync_writes" in opts and base != "stage":
+        raise ValueError(f"sync_writes is an option of the stage variants, not of {variant!r}")
     return {
         "guided": base in ("guided", "stage"),
         "stage": base == "stage",
@@ -179,6 +187,7 @@ def parse_variant(variant: str) -> dict[str, Any]:
         "compile": "compile" in opts,
         "channels_last": "channels_last" in opts,
         "amp": "amp" in opts,
+        "sync_writes": "sync_writes" in opts,
     }
 
 
@@ -212,8 +221,8 @@ def build(device: torch.device, spec: dict[str, Any], batch_size: int, seed: int
 
 
 def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None,
-                 sizes: str = "small"):
-    """Return ``run(num_steps) -> images`` for the variant."""
+                 sizes: str = "small", batches: int = 1):
+    """Return ``run(num_steps) -> images`` for the variant (``batches`` batches per call)."""
     from monai.inferers import LatentDiffusionInferer
     from monai.networks.schedulers import DDIMScheduler
 
@@ -222,9 +231,14 @@ def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, am
     autoencoder, unet, classifier, noise, labels = build(device, spec, batch_size, sizes=sizes)
     if spec.get("stage"):
         return _stage_runner(device, spec, batch_size, amp_dtype, autoencoder, unet, classifier,
-                             latent_size=noise.shape[-1])
+                             latent_size=noise.shape[-1], batches=batches)
 
     def run(num_steps: int) -> torch.Tensor:
+        for _ in range(batches - 1):
+            run_one(num_steps)
+        return run_one(num_steps)
+
+    def run_one(num_steps: int) -> torch.Tensor:
         scheduler = DDIMScheduler(**SCHEDULER_ARGS)
         scheduler.set_timesteps(num_steps)
         if spec["guided"]:
@@ -243,9 +257,9 @@ def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, am
 
 def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None,
                   autoencoder: torch.nn.Module, unet: torch.nn.Module, classifier: torch.nn.Module,
-                  latent_size: int):
-    """``run(num_steps)``: the generate stage's engine writing ``batch_size`` tiles (spread over the classes, one
-    batch) into a fresh folder; returns the tiles read back."""
+                  latent_size: int, batches: int = 1):
+    """``run(num_steps)``: the generate stage's engine writing ``batches`` x ``batch_size`` tiles (spread over the
+    classes, ``batch_size`` per batch) into a fresh folder; returns the first tile read back."""
     import tempfile
 
     import numpy as np
@@ -255,7 +269,8 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
     from monai_histodiff.engines.generation import GuidedTileGenerator
     from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
 
-    counts = [batch_size // NUM_CLASSES + (c < batch_size % NUM_CLASSES) for c in range(NUM_CLASSES)]
+    total = batch_size * batches
+    counts = [total // NUM_CLASSES + (c < total % NUM_CLASSES) for c in range(NUM_CLASSES)]
 
     def run(num_steps: int) -> torch.Tensor:
         scheduler = DDIMScheduler(**SCHEDULER_ARGS)
@@ -266,11 +281,11 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
                 class_names=[f"C{c}" for c in range(NUM_CLASSES)], counts=counts,
                 latent_shape=(3, latent_size, latent_size), output_dir=out, guidance_scale=1.0,
                 batch_size=batch_size, device=device, amp=spec["amp"], progress=False,
-                guidance_interval=spec["guidance_interval"],
+                guidance_interval=spec["guidance_interval"], background_writer=not spec["sync_writes"],
             )  # fmt: skip
             summary = generator.run()
-            if summary["generated"] != batch_size:
-                raise RuntimeError(f"stage wrote {summary['generated']} tiles, expected {batch_size}")
+            if summary["generated"] != total:
+                raise RuntimeError(f"stage wrote {summary['generated']} tiles, expected {total}")
             first = Path(out) / "C0" / "C0_000000.png"
             return torch.from_numpy(np.asarray(Image.open(first), dtype=np.float32))
 
@@ -282,7 +297,7 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     spec = parse_variant(args.worker)
     amp_dtype = torch.bfloat16 if device.type == "cpu" else None
-    run = make_sampler(device, spec, args.batch_size, amp_dtype, sizes=args.sizes)
+    run = make_sampler(device, spec, args.batch_size, amp_dtype, sizes=args.sizes, batches=args.batches)
     t0 = time.perf_counter()
     with torch.no_grad():
         run(args.warmup_steps)
@@ -330,7 +345,7 @@ class Worker:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", args.device,
             "--threads", str(args.threads), "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-            "--warmup_steps", str(args.warmup_steps), "--sizes", args.sizes,
+            "--warmup_steps", str(args.warmup_steps), "--sizes", args.sizes, "--batches", str(args.batches),
         ]  # fmt: skip
         self.variant = variant
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -366,6 +381,14 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
     if opts:
         variants += ["stock+" + "+".join(opts), "guided+" + "+".join(opts)]
         variants += [v + "+" + "+".join(opts) for v in stages]
+    if args.sync_writes:
+        variants += [v + "+sync_writes" for v in variants if v.startswith("stage")]
+    if args.variants:
+        variants = list(args.variants)
+        for v in variants:
+            parse_variant(v)
+        if "stock" not in variants:
+            raise ValueError("--variants must include stock (the ratios are to it)")
     workers = []
     for v in variants:  # warm up one at a time, so compilations do not compete for the CPU
         w = Worker(v, args)
@@ -390,8 +413,8 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
             "variant": v,
             "median_s": round(med, 3),
             "times_s": [round(t, 3) for t in times[v]],
-            "tiles_per_s": round(args.batch_size / med, 2),
-            "ms_per_tile": round(1000 * med / args.batch_size, 2),
+            "tiles_per_s": round(args.batches * args.batch_size / med, 2),
+            "ms_per_tile": round(1000 * med / (args.batches * args.batch_size), 2),
             "ratio_vs_stock": round(med / stock_s, 3),
             "sampling_rss_mb": None if before is None else round(info["peak_rss_mb"] - before, 1),
             **{k: info[k] for k in info if k not in ("variant",)},
@@ -474,6 +497,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--stage", action="store_true", help="also time the generate stage's engine end to end")
     parser.add_argument("--guidance_interval", type=int, default=1,
                         help="with --stage, also time the stage guiding with a gradient every K steps")
+    parser.add_argument("--sync_writes", action="store_true",
+                        help="with --stage, also time each stage variant writing its tiles before the next batch")
+    parser.add_argument("--batches", type=int, default=1, help="batches per timed run (tiles/s counts them all)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="time exactly these variants (e.g. stock stage_every4+compile+channels_last)")
     parser.add_argument("--paper_scale", action="store_true", help="paper-size classifier-gradient memory only")
     parser.add_argument("--paper_micro_batches", type=int, nargs="+", default=[50, 10, 2])
     parser.add_argument("--device", default="cpu")
@@ -492,8 +520,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.paper_worker is not None:
         paper_worker(args)
         return None
-    if args.reps < 1 or args.warmup_steps < 1:
-        parser.error("--reps and --warmup_steps must be at least 1")
+    if args.reps < 1 or args.warmup_steps < 1 or args.batches < 1:
+        parser.error("--reps, --warmup_steps and --batches must be at least 1")
 
     import monai
 
@@ -513,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = {"benchmark": name, **sampling_benchmark(args)}
         size = sizes_of(args.sizes)
         result.update({
-            "steps": args.steps, "warmup_steps": args.warmup_steps, "reps": args.reps,
+            "steps": args.steps, "warmup_steps": args.warmup_steps, "reps": args.reps, "batches": args.batches,
             "guidance_scale": 1.0, "scheduler": "DDIMScheduler", "scheduler_args": SCHEDULER_ARGS,
             "sizes": args.sizes, "latent_shape": [3, size["latent_size"], size["latent_size"]],
             "image_size": size["image_size"], "autoencoder_args": size["autoencoder_args"],
@@ -547,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"| {r.get('step_rss_mb', float('nan')):.0f} | {r.get('peak_cuda_mb', '-')} |"
             )
     else:
-        print(f"batch {args.batch_size}, {args.steps} DDIM steps, {args.device}, {result['statistic']}")
+        print(f"batch {args.batch_size} x {args.batches}, {args.steps} DDIM steps, {args.device}, "
+              f"{result['statistic']}")
         print("| variant | tiles/s | ms per tile | peak RSS MB | sampling RSS MB | ratio vs stock |")
         print("|---|---|---|---|---|---|")
         for r in result["variants"]:

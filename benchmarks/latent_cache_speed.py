@@ -15,10 +15,14 @@
 (b) cached: ``SupervisedTrainer`` + :class:`~monai_histodiff.engines.LatentDiffusionPrepareBatch` +
     ``DiffusionInferer`` on batches of cached posteriors (one ``mu + sigma * eps`` per step).
 
-Both train the same diffusion UNet (same initial weights) on the same batch, with the networks of
-``bundles/small.json`` (64 px tiles, f=4, 16x16x3 latents). Warm-up steps are excluded. Run::
+Both train the same diffusion UNet (same initial weights) on the same batch, with the networks the stages build
+(read from the bundle configs): ``--sizes small`` those of ``bundles/small.json`` (64 px tiles, f=4, 16x16x3
+latents), ``--sizes paper`` the paper's (256 px tiles, LDM-4 64x64x3 latents, UNet channels 192/384/384/768/768).
+Warm-up steps are excluded. Run::
 
-    python benchmarks/latent_cache_speed.py [--image_size 64 --batch_size 8 --iters 20 --warmup 3 --device cpu]
+    python benchmarks/latent_cache_speed.py [--sizes small --batch_size 8 --iters 20 --warmup 3 --device cpu]
+    python benchmarks/latent_cache_speed.py --sizes paper --batch_size 2 --iters 2 --warmup 1 \
+        --output benchmarks/results/latent_cache_speed_paper_sizes.json
 
 Writes ``benchmarks/results/latent_cache_speed.json`` and prints a markdown table row.
 """
@@ -44,6 +48,14 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from monai_histodiff.engines import LatentCache, LatentDiffusionPrepareBatch, encode_posteriors
+
+try:  # run as ``python benchmarks/latent_cache_speed.py``: the folder is on sys.path
+    from guided_sampling import sizes_of
+except ImportError:  # imported from elsewhere
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from guided_sampling import sizes_of
 
 __all__ = ["StockLatentPrepareBatch", "BoundLatentDiffusionInferer", "time_steps", "main"]
 
@@ -113,7 +125,8 @@ def _make_trainer(device, network, loader, inferer, prepare_batch, steps: int) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--sizes", default="small", choices=["small", "paper"],
+                        help="networks and tile size of bundles/small.json (CPU) or the paper's")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -125,15 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    ae_args = dict(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(32, 64, 64), latent_channels=3, num_res_blocks=1,
-        attention_levels=(False, False, False), with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
-        norm_num_groups=32,
-    )  # fmt: skip
-    unet_args = dict(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(32, 64, 64), attention_levels=(False, True, True),
-        num_res_blocks=1, num_head_channels=32, norm_num_groups=32,
-    )  # fmt: skip
+    size = sizes_of(args.sizes)
+    ae_args, unet_args, image_size = size["autoencoder_args"], size["diffusion_args"], size["image_size"]
     autoencoder = AutoencoderKL(**ae_args).to(device).eval()
     for p in autoencoder.parameters():
         p.requires_grad_(False)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.warmup + args.iters
     scheduler = DDPMScheduler(num_train_timesteps=1000)
 
-    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1
+    images = torch.rand(args.batch_size, 3, image_size, image_size) * 2 - 1
     image_batch = {"image": images}
     cache = LatentCache.from_posteriors(encode_posteriors(autoencoder, [image_batch], device, progress=False))
     cached_batch = {"latent_mu": cache.mu, "latent_sigma": cache.sigma}
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "latent_cache_speed",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "stock_ms_per_step": round(stock_ms, 2),
         "cached_ms_per_step": round(cached_ms, 2),
         "speedup": round(stock_ms / cached_ms, 3),
@@ -175,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stock_mean_ms_per_step": round(stock_mean, 2),
         "cached_mean_ms_per_step": round(cached_mean, 2),
         "speedup_of_means": round(stock_mean / cached_mean, 3),
-        "image_size": args.image_size,
+        "sizes": args.sizes,
+        "image_size": image_size,
         "latent_shape": list(latent_shape),
         "batch_size": args.batch_size,
         "iters": args.iters,
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| benchmark | size | batch | device | stock ms/step | cached ms/step | speed-up |")
     print("|---|---|---|---|---|---|---|")
     print(
-        f"| latent_cache_speed | {args.image_size} px -> {'x'.join(map(str, latent_shape[1:]))}x{latent_shape[0]} "
+        f"| latent_cache_speed | {image_size} px -> {'x'.join(map(str, latent_shape[1:]))}x{latent_shape[0]} "
         f"| {args.batch_size} | {device} | {stock_ms:.1f} | {cached_ms:.1f} | {stock_ms / cached_ms:.2f}x |"
     )
     return result

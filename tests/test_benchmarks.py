@@ -1,4 +1,5 @@
-"""The paper-scale GPU comparison script, run at the CPU size with two steps: what it would run on a GPU, end to end."""
+"""The sampling benchmark's scripts at the CPU size with two steps: the paper-scale GPU comparison (what it would run on
+a GPU, end to end) and the options the stage comparisons use."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +38,26 @@ def test_paper_sizes_are_the_bundles_defaults():
     assert (paper["image_size"], paper["latent_size"]) == (256, 64)
     assert paper["diffusion_args"]["channels"] == [192, 384, 384, 768, 768]
     assert paper["autoencoder_args"]["channels"] == [128, 256, 512] and paper["classifier_args"]["num_heads"] == 8
+
+
+def test_guided_sampling_named_variants_over_several_batches(tmp_path):
+    """``--variants`` times exactly the named ones; ``--batches`` makes every timed run write that many batches."""
+    out = tmp_path / "stage.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "guided_sampling.py"), "--variants", "stock",
+           "stage_every2+sync_writes", "--batches", "2", "--batch_size", "3", "--steps", "2", "--warmup_steps", "2",
+           "--reps", "1", "--output", str(out)]
+    subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="2"), check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    rows = {v["variant"]: v for v in result["variants"]}
+    assert list(rows) == ["stock", "stage_every2+sync_writes"] and result["batches"] == 2
+    spec = rows["stage_every2+sync_writes"]["spec"]
+    assert spec["sync_writes"] and spec["guidance_interval"] == 2 and spec["stage"]
+    for row in rows.values():  # tiles/s counts both batches of 3
+        assert abs(row["tiles_per_s"] * row["median_s"] - 6) < 0.05
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from guided_sampling import parse_variant
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(ValueError, match="sync_writes"):
+        parse_variant("stock+sync_writes")

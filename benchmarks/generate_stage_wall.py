@@ -1,0 +1,138 @@
+"""Wall time of the ``generate`` stage as a user runs it, from the command to the last tile, per setting and run size.
+
+    python benchmarks/generate_stage_wall.py runs/lung/ablation_no_pretrain --tiles 144 432 \\
+        --settings "eager" "compile=cold" "compile=warm" --set guidance_interval=4 channels_last=True
+
+Each run is ``python -m monai.bundle run`` of the installed ``generate`` configs (at the CPU size) in a fresh process,
+into a fresh folder, with the site's checkpoints: process start, imports, checkpoint loading, the first batches'
+compilation where ``compile`` is on, sampling, PNG tiles, manifest and grids. ``compile=cold`` runs with an empty
+TorchInductor cache (``TORCHINDUCTOR_CACHE_DIR`` a new temporary folder: a first run on a new machine or after an
+upgrade), ``compile=warm`` with the cache the cold run of the same size filled (a second run on the same machine).
+Two run sizes give each setting's fixed cost and its cost per tile (a straight line through the two), so the number
+of tiles from which compiling pays can be read off. Writes ``results/generate_stage_wall.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = {"eager": ({"compile": False}, None), "compile=cold": ({"compile": True}, "cold"),
+            "compile=warm": ({"compile": True}, "warm")}
+
+
+def parse_set(items: list[str]) -> dict:
+    """``key=value`` overrides (values as Python literals where they parse, else strings)."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def line_fit(points: list[tuple[int, float]]) -> dict:
+    """Fixed seconds and seconds per tile of the straight line through two or more ``(tiles, seconds)`` points."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return {"fixed_s": round(my - slope * mx, 2), "s_per_tile": round(slope, 4)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("site", help="an adapted site folder (its checkpoints and split.json)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[144, 432], help="run sizes (tiles, over the classes)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--set", nargs="*", default=[], help="overrides every run gets, key=value")
+    parser.add_argument("--output", default=str(RESULTS / "generate_stage_wall.json"))
+    args = parser.parse_args(argv)
+    if len(args.tiles) < 2:
+        parser.error("--tiles needs two run sizes or more (fixed cost and cost per tile)")
+    if "compile=warm" in args.settings and "compile=cold" not in args.settings:
+        parser.error("compile=warm reuses the cache of the compile=cold runs: name both")
+
+    import torch
+
+    from monai_histodiff.data import load_datalist
+    from monai_histodiff.pipeline import bundle_command
+
+    site = Path(args.site).resolve()
+    classes = load_datalist(site / "split.json")["classes"]
+    common = parse_set(args.set)
+    work = Path(tempfile.mkdtemp(prefix="generate_wall_"))
+    rows = []
+    try:
+        for tiles in args.tiles:
+            counts = [tiles // len(classes) + (c < tiles % len(classes)) for c in range(len(classes))]
+            cache = work / f"inductor_{tiles}"
+            for name in args.settings:
+                overrides, cache_state = SETTINGS[name]
+                out = work / f"{name.replace('=', '_')}_{tiles}"
+                cmd = bundle_command("generate", True, output_dir=site.as_posix(),
+                                     split_file=(site / "split.json").as_posix(), synthetic_dir=out.as_posix(),
+                                     counts=counts, **common, **overrides)
+                env = dict(os.environ, PYTHONUNBUFFERED="1")
+                if cache_state is not None:
+                    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+                    if cache_state == "cold":
+                        shutil.rmtree(cache, ignore_errors=True)
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                seconds = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{name}, {tiles} tiles failed:\n{proc.stderr[-3000:]}")
+                written = sum(1 for _ in open(out / "manifest.jsonl"))
+                if written != tiles:
+                    raise RuntimeError(f"{name}, {tiles} tiles: the manifest has {written} rows")
+                rows.append({"setting": name, "tiles": tiles, "seconds": round(seconds, 1),
+                             "tiles_per_s": round(tiles / seconds, 2)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    fits = {name: line_fit([(r["tiles"], r["seconds"]) for r in rows if r["setting"] == name])
+            for name in args.settings}
+    eager = fits.get("eager")
+    for name, fit in fits.items():
+        if eager is not None and name != "eager":
+            saved = eager["s_per_tile"] - fit["s_per_tile"]
+            extra = fit["fixed_s"] - eager["fixed_s"]
+            fit["pays_from_tiles"] = round(extra / saved) if saved > 0 else None
+    result = {"benchmark": "generate_stage_wall", "command": " ".join(["python", *sys.argv]),
+              "date": time.strftime("%Y-%m-%d %H:%M %Z"), "site": site.name, "overrides": common,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "rows": rows, "fits": fits,
+              "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    print("| setting | " + " | ".join(f"{t} tiles: s (tiles/s)" for t in args.tiles)
+          + " | fixed s | s per tile | compiling pays from |")
+    print("|---|" + "---|" * len(args.tiles) + "---|---|---|")
+    for name in args.settings:
+        cells = [f"{r['seconds']} ({r['tiles_per_s']})" for r in rows if r["setting"] == name]
+        fit = fits[name]
+        pays = fit.get("pays_from_tiles", "-")
+        print(f"| {name} | " + " | ".join(cells) + f" | {fit['fixed_s']} | {fit['s_per_tile']} | {pays} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
