@@ -32,8 +32,9 @@ decodes its latents with the same small ``AutoencoderKL`` at the end):
   ``module.to(memory_format=torch.channels_last)`` and channels-last noise; AMP is the inferer's ``amp=True``
   for ``guided`` and a ``torch.autocast`` around the stock call). The inferer needs no new option for these: compiled
   modules are plain callables to it, and its element-wise scheduler arithmetic keeps the channels-last layout of
-  the noise. On CPU, AMP means bfloat16 autocast, which is *slower* than float32 on CPUs without AMX/AVX512-BF16
-  (most CPUs); it is there for GPUs.
+  the noise. AMP is bfloat16 autocast on every device (the stage's ``amp_dtype="bfloat16"``; the guidance gradient
+  and the scheduler stay float32); on CPU it is *slower* than float32 on CPUs without AMX/AVX512-BF16 (most CPUs):
+  it is there for GPUs.
 
 Timing. Each variant lives in its own worker process (this script re-invoked with ``--worker VARIANT``), which builds
 the networks, warms up (one sampling run of ``--warmup_steps`` steps: same shapes, so it also triggers and excludes
@@ -282,6 +283,7 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
                 latent_shape=(3, latent_size, latent_size), output_dir=out, guidance_scale=1.0,
                 batch_size=batch_size, device=device, amp=spec["amp"], progress=False,
                 guidance_interval=spec["guidance_interval"], background_writer=not spec["sync_writes"],
+                amp_dtype=amp_dtype,
             )  # fmt: skip
             summary = generator.run()
             if summary["generated"] != total:
@@ -296,7 +298,7 @@ def worker(args: argparse.Namespace) -> None:
     """Build, warm up, then serve ``run`` / ``exit`` commands read from stdin (one per line)."""
     device = torch.device(args.device)
     spec = parse_variant(args.worker)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else None
+    amp_dtype = torch.bfloat16  # the stage's amp_dtype "bfloat16" (on GPUs with bf16; float32 guidance math)
     run = make_sampler(device, spec, args.batch_size, amp_dtype, sizes=args.sizes, batches=args.batches)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -550,7 +550,9 @@ class GuidedTileGenerator(TileGenerator):
         batch_size: tiles per sampling batch.
         seed: base seed of :func:`tile_seed`.
         device: device to sample on; CUDA when available if None.
-        amp: run the diffusion model under autocast.
+        amp: run the diffusion model under autocast (the guidance gradient and the scheduler stay float32).
+        amp_dtype: the autocast dtype, a ``torch.dtype`` or its name (``"bfloat16"``, ``"float16"``); None: the
+            device type's default (float16 on CUDA, bfloat16 on CPU).
         classifier_batch_size: micro-batch of the guidance gradient (and of the confidence).
         checkpoint_hashes: hashes of the checkpoints used, recorded in every row.
         rank: this process's shard; from ``torch.distributed`` (else 0) when None.
@@ -584,6 +586,7 @@ class GuidedTileGenerator(TileGenerator):
         seed: int = 0,
         device: str | torch.device | None = None,
         amp: bool = False,
+        amp_dtype: torch.dtype | str | None = None,
         classifier_batch_size: int | None = None,
         checkpoint_hashes: Mapping[str, str] | None = None,
         rank: int | None = None,
@@ -620,6 +623,13 @@ class GuidedTileGenerator(TileGenerator):
         self.guidance_interval = int(guidance_interval)
         self.eta = float(eta)
         self.amp = bool(amp)
+        if isinstance(amp_dtype, str):
+            named = getattr(torch, amp_dtype.removeprefix("torch."), None)
+            if not isinstance(named, torch.dtype) or not named.is_floating_point:
+                raise ValueError(f"amp_dtype must name a floating-point torch dtype such as 'bfloat16' or 'float16', "
+                                 f"got {amp_dtype!r}.")
+            amp_dtype = named
+        self.amp_dtype = amp_dtype
         self.classifier_batch_size = classifier_batch_size
 
     def _settings(self) -> dict[str, Any]:
@@ -678,6 +688,7 @@ class GuidedTileGenerator(TileGenerator):
                 generator=None,
                 return_latents=True,
                 amp=self.amp,
+                amp_dtype=self.amp_dtype,
             )
         finally:
             sampler.sample_generators = None  # type: ignore[union-attr]

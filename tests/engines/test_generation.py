@@ -179,6 +179,23 @@ def test_background_writer_writes_what_the_foreground_writes(nets, tmp_path, mon
     assert len(outputs[True][0]) == 7 and outputs[True] == outputs[False]
 
 
+def test_amp_dtype_reaches_the_sampler(nets, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    def pixels(name, **kwargs):
+        out = str(tmp_path / name)
+        _make(nets, out, grid_size=0, **kwargs).run()
+        return {p: np.asarray(Image.open(os.path.join(out, p)), dtype=np.int16) for p in _tiles(out)}
+
+    ref = pixels("fp32")
+    bf16 = pixels("bf16", amp=True, amp_dtype="bfloat16")
+    diff = np.concatenate([np.abs(bf16[p] - ref[p]).ravel() for p in ref])
+    assert sorted(bf16) == sorted(ref) and 0 < diff.mean() < 8  # bfloat16 rounding, not another image
+    with pytest.raises(ValueError, match="amp_dtype"):
+        _make(nets, str(tmp_path / "bad"), amp=True, amp_dtype="int8")
+
+
 def test_batch_size_changes_only_float_rounding(nets, tmp_path):
     """With the raw networks a batch and its single-tile runs differ at most in float rounding."""
     gen = _make(nets, str(tmp_path), per_sample=False)
