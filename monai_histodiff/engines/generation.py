@@ -321,14 +321,14 @@ class TileGenerator:
             _write_jsonl_atomic(self.manifest_path, (own[k] for k in sorted(own)))
         return done
 
-    def _write_batch(self, manifest: Any, pairs: Sequence[tuple[int, int]], images: torch.Tensor,
-                     confidence: torch.Tensor | None, settings: Mapping[str, Any]) -> None:
-        """Write a batch's tiles, then append their manifest rows and flush them to disk: a row is never written
-        before its tile, so a run cut anywhere resumes from whole tiles (a cut line is dropped, its tile redone)."""
-        scores = [None] * len(pairs) if confidence is None else [float(v) for v in confidence.tolist()]
+    def _write_batch(self, manifest: Any, pairs: Sequence[tuple[int, int]], tiles: Sequence[np.ndarray],
+                     scores: Sequence[float | None], settings: Mapping[str, Any]) -> None:
+        """Write a batch's tiles (uint8 ``[H, W, 3]`` arrays), then append their manifest rows and flush them to
+        disk: a row is never written before its tile, so a run cut anywhere resumes from whole tiles (a cut line is
+        dropped, its tile redone). No torch call: the background writer runs it beside the sampler's threads."""
         rows = []
-        for (c, i), image, conf in zip(pairs, images, scores):
-            self._write_tile(image, self.tile_path(c, i))
+        for (c, i), tile, conf in zip(pairs, tiles, scores):
+            self._write_tile(tile, self.tile_path(c, i))
             rows.append({"file": tile_filename(self.class_names[c], i), "class": self.class_names[c],
                          "class_index": c, "index": i, "seed": tile_seed(self.seed, c, i), **settings,
                          "confidence": conf})
@@ -342,10 +342,10 @@ class TileGenerator:
                 raise
             raise full from e
 
-    def _write_tile(self, image: torch.Tensor, path: str) -> None:
+    def _write_tile(self, tile: np.ndarray, path: str) -> None:
         """Write one PNG whole (temporary file, then rename); a failed write leaves no partial file, and a full disk
         raises ``OSError(ENOSPC)`` naming the tile."""
-        atomic_write(path, lambda p: Image.fromarray(to_uint8_image(image)).save(p, format="PNG"), fsync=True)
+        atomic_write(path, lambda p: Image.fromarray(tile).save(p, format="PNG"), fsync=True)
 
     @property
     def lock_name(self) -> str:
@@ -404,13 +404,13 @@ class TileGenerator:
 
         failed = threading.Event()
 
-        def write_after(manifest: Any, pairs: Sequence[tuple[int, int]], images: torch.Tensor,
-                        confidence: torch.Tensor | None) -> bool:
+        def write_after(manifest: Any, pairs: Sequence[tuple[int, int]], tiles: list[np.ndarray],
+                        scores: list[float | None]) -> bool:
             """The writer thread's job: write a batch unless an earlier one failed (nothing is written after it)."""
             if failed.is_set():
                 return False
             try:
-                self._write_batch(manifest, pairs, images, confidence, settings)
+                self._write_batch(manifest, pairs, tiles, scores, settings)
             except BaseException:
                 failed.set()
                 raise
@@ -422,12 +422,16 @@ class TileGenerator:
                     for b in range(0, len(todo), self.batch_size):
                         pairs = todo[b : b + self.batch_size]
                         images, confidence = self.generate_batch(pairs, context)
+                        # torch work stays on this thread: a torch op on the writer thread would start a second
+                        # intra-op thread pool beside the sampler's and oversubscribe the cores
+                        tiles = [to_uint8_image(image) for image in images]
+                        scores = [None] * len(pairs) if confidence is None else confidence.tolist()
                         if writer is None:
-                            self._write_batch(manifest, pairs, images, confidence, settings)
+                            self._write_batch(manifest, pairs, tiles, scores, settings)
                             written(pairs)
                             continue
                         # a batch is written while the next one is sampled, and is on disk before a third is sampled
-                        pending.append((writer.submit(write_after, manifest, pairs, images, confidence), pairs))
+                        pending.append((writer.submit(write_after, manifest, pairs, tiles, scores), pairs))
                         while len(pending) > 1:
                             future, done_pairs = pending.popleft()
                             if future.result():
