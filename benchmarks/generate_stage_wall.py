@@ -20,11 +20,15 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guided_sampling import spread  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: name -> (overrides, inductor cache); compiled with channels-last, the fastest compiled setting of guided_sampling.py
@@ -33,30 +37,10 @@ SETTINGS = {"eager": ({"compile": False, "channels_last": False}, None),
             "compile=warm": ({"compile": True, "channels_last": True}, "warm")}
 
 
-def parse_set(items: list[str]) -> dict:
-    """``key=value`` overrides (values as Python literals where they parse, else strings)."""
-    import ast
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes key=value, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def line_fit(points: list[tuple[int, float]]) -> dict:
-    """Fixed seconds and seconds per tile of the straight line through two or more ``(tiles, seconds)`` points."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return {"fixed_s": round(my - slope * mx, 2), "s_per_tile": round(slope, 4)}
+    """Fixed seconds and seconds per tile of the least-squares line through two or more ``(tiles, seconds)``."""
+    fit = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    return {"fixed_s": round(fit.intercept, 2), "s_per_tile": round(fit.slope, 4)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,16 +59,21 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from monai_histodiff.data import load_datalist
-    from monai_histodiff.pipeline import bundle_command
+    from monai_histodiff.pipeline import bundle_command, override_value
 
     site = Path(args.site).resolve()
     classes = load_datalist(site / "split.json")["classes"]
-    common = parse_set(args.set)
+    common = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes key=value, got {item!r}")
+        common[key] = override_value(value)
     work = Path(tempfile.mkdtemp(prefix="generate_wall_"))
     rows = []
     try:
         for tiles in args.tiles:
-            counts = [tiles // len(classes) + (c < tiles % len(classes)) for c in range(len(classes))]
+            counts = spread(tiles, len(classes))
             cache = work / f"inductor_{tiles}"
             for name in args.settings:
                 overrides, cache_state = SETTINGS[name]

@@ -256,6 +256,11 @@ def make_sampler(device: torch.device, spec: dict[str, Any], batch_size: int, am
     return run
 
 
+def spread(total: int, num_classes: int) -> list[int]:
+    """``total`` tiles over ``num_classes`` classes, as even as possible (the first classes get the remainder)."""
+    return [total // num_classes + (c < total % num_classes) for c in range(num_classes)]
+
+
 def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, amp_dtype: torch.dtype | None,
                   autoencoder: torch.nn.Module, unet: torch.nn.Module, classifier: torch.nn.Module,
                   latent_size: int, batches: int = 1):
@@ -271,7 +276,7 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
     from monai_histodiff.inferers import ClassifierGuidedLatentDiffusionInferer
 
     total = batch_size * batches
-    counts = [total // NUM_CLASSES + (c < total % NUM_CLASSES) for c in range(NUM_CLASSES)]
+    counts = spread(total, NUM_CLASSES)
 
     def run(num_steps: int) -> torch.Tensor:
         scheduler = DDIMScheduler(**SCHEDULER_ARGS)

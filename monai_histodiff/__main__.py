@@ -79,7 +79,7 @@ def _cmd_scan(a: argparse.Namespace) -> int:
 
 def _parse_settings(pairs: list[str]) -> dict[str, dict[str, object]]:
     """``["train_latent_classifier.lr=1e-3", ...]`` -> ``{"train_latent_classifier": {"lr": 0.001}}``."""
-    import ast
+    from monai_histodiff.pipeline import override_value
 
     out: dict[str, dict[str, object]] = {}
     for pair in pairs:
@@ -87,11 +87,7 @@ def _parse_settings(pairs: list[str]) -> dict[str, dict[str, object]]:
         stage, dot, name = key.partition(".")
         if not sep or not dot or not stage or not name:
             raise SystemExit(f"--set takes STAGE.KEY=VALUE (e.g. train_latent_classifier.lr=1e-3), got {pair!r}")
-        try:
-            parsed: object = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        out.setdefault(stage, {})[name] = parsed
+        out.setdefault(stage, {})[name] = override_value(value)
     return out
 
 

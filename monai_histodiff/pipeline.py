@@ -16,7 +16,7 @@ from typing import Any
 
 from monai_histodiff.bundle_configs import config_files
 
-__all__ = ["bundle_command", "run_stage", "StageError"]
+__all__ = ["bundle_command", "override_value", "run_stage", "StageError"]
 
 
 class StageError(RuntimeError):
@@ -25,6 +25,17 @@ class StageError(RuntimeError):
 
 def _literal(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)  # fire reads Python literals
+
+
+def override_value(text: str) -> Any:
+    """A command-line override's value: a Python literal where it parses (``1e-3``, ``True``, ``[1, 2]``), else the
+    string itself (a path, a ``$`` expression)."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] = (), **overrides: Any) -> list[str]:
