@@ -105,7 +105,7 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         min_confidence=a.min_confidence, min_latent_margin=a.min_latent_margin, judge=not a.no_judge,
         sweep_scales=a.sweep_scales, sweep_steps=a.sweep_steps, sweep_per_class=a.sweep_per_class,
         generators=("histodiffusion", "stylegan2") if a.generator == "both" else (a.generator,),
-        stage_overrides=_parse_settings(a.set),
+        pretraining=a.pretraining, site_weight=a.site_weight, stage_overrides=_parse_settings(a.set),
     )
     run_experiment(cfg)
     out = __import__("pathlib").Path(a.output_dir)
@@ -244,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test_dir", default=None, help="separate test set; default: tiles the labeled subset did not take")
     e.add_argument("--unlabeled_dir", nargs="+", default=None,
                    help="pre-train here first when no checkpoints exist: a parent of source folders, or the folders")
+    e.add_argument("--pretraining", choices=["sources", "site", "site+sources"], default="sources",
+                   help="pre-training data when no checkpoints exist: the --unlabeled_dir sources (the paper's "
+                        "setting), the site's own tiles outside the test groups (labels dropped), or both")
+    e.add_argument("--site_weight", type=float, default=0.5,
+                   help="with --pretraining site+sources: the share of draws that go to the site's tiles")
     e.add_argument("--paper_scale", action="store_true", help="256 px configs (GPU); default: bundles/small.json")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--fraction", type=float, default=None, help="labeled share per class (paper: 0.05)")

@@ -55,6 +55,7 @@ __all__ = [
     "pool_counts",
     "summarise",
     "paired_differences",
+    "paired_interval",
     "write_results",
     "write_side_by_side",
 ]
@@ -98,6 +99,12 @@ class ExperimentConfig:
             class each); empty: no sweep.
         generators: the synthetic-tile generators whose rows the table gets (:data:`GENERATORS`): HistoDiffusion,
             the class-conditional StyleGAN2 baseline, or both.
+        pretraining: what the autoencoder and the diffusion model are pre-trained on when the folder has no
+            checkpoints (:data:`~monai_histodiff.data.unlabeled.PRETRAINING_SETTINGS`): ``"sources"`` (the paper's
+            setting, ``unlabeled_dir``, which must exclude the target set), ``"site"`` (the site's own tiles outside
+            the test groups, labels dropped: the split's pool, training and validation tiles) or ``"site+sources"``.
+            Every setting's listing is checked against the split before each run (a test group stops it, named).
+        site_weight: with ``"site+sources"``, the share of pre-training draws that go to the site's tiles.
     """
 
     output_dir: str
@@ -130,6 +137,8 @@ class ExperimentConfig:
     sweep_steps: Sequence[int] = ()
     sweep_per_class: int = 16
     generators: Sequence[str] = ("histodiffusion",)
+    pretraining: str = "sources"
+    site_weight: float = 0.5
     stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,6 +148,12 @@ class ExperimentConfig:
             raise ValueError(f"stage_overrides names unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         if self.ablation not in (None, "no_finetune", "no_pretrain"):
             raise ValueError(f"ablation must be None, 'no_finetune' or 'no_pretrain', got {self.ablation!r}")
+        from monai_histodiff.data.unlabeled import PRETRAINING_SETTINGS
+
+        if self.pretraining not in PRETRAINING_SETTINGS:
+            raise ValueError(f"pretraining must be one of {list(PRETRAINING_SETTINGS)}, got {self.pretraining!r}")
+        if self.pretraining == "site+sources" and not 0.0 < self.site_weight < 1.0:
+            raise ValueError(f"site_weight must be in (0, 1), got {self.site_weight}")
         if self.balance not in ("proportional", "none"):
             raise ValueError(f"balance must be 'proportional' or 'none', got {self.balance!r}")
         if not 1.0 <= self.pool_factor <= self.max_pool_factor:
@@ -334,6 +349,28 @@ def _judge(judge_ckpt: Path | None, out: Path, synthetic_dir: Path, decisions: P
     return result
 
 
+def _ceiling(judge_ckpt: Path | None, out: Path, use_finetuned: bool = True) -> dict | None:
+    """The judge on the test tiles x, D(E(x)) and D'(E(x)) (:func:`~monai_histodiff.metrics.judge_reconstructions`):
+    what the autoencoder lets through; ``<out>/judged/ceiling.json`` and ``<out>/ceiling.png`` (rows x, D(E(x)),
+    D'(E(x)) per class). Reused while newer than the judge and the autoencoder's checkpoints."""
+    if judge_ckpt is None:
+        return None
+    from monai_histodiff.metrics.judge import judge_reconstructions
+
+    path = out / "judged" / "ceiling.json"
+    autoencoder, decoder = out / "pretrain_autoencoder" / "autoencoder.pt", out / "finetune" / "decoder_ft.pt"
+    decoder = decoder if use_finetuned and decoder.is_file() else None
+    if _is_current(path, [judge_ckpt, autoencoder, *([decoder] if decoder else [])]):
+        return json.loads(path.read_text())
+    result = judge_reconstructions(judge_ckpt, autoencoder, out / "split.json", decoder, grid_path=out / "ceiling.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    acc = result["accuracy"]
+    print("[experiment] ceiling (judge on " + str(result["tiles"]) + " test tiles): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    return result
+
+
 def _prepare_ablation(cfg: ExperimentConfig, main: Path) -> Path:
     """``<main>/ablation_<name>/`` with the main run's split (and, for no_finetune, its adapted checkpoints)."""
     out = main / f"ablation_{cfg.ablation}"
@@ -366,17 +403,43 @@ def _pretrain_on_training_split(out: Path, stages: _Stages) -> None:
         stages("pretrain_diffusion", datalist=datalist)
 
 
-def _unlabeled_overrides(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
-    if cfg.unlabeled_dir is None:
-        raise FileNotFoundError(f"no pre-trained checkpoints in {out}/pretrain_*/ and no unlabeled_dir to pre-train "
-                                f"on: copy autoencoder.pt / diffusion.pt there or pass --unlabeled_dir")
-    if isinstance(cfg.unlabeled_dir, str):
-        return {"dataset_dir": cfg.unlabeled_dir}
-    from monai_histodiff.data.unlabeled import unlabeled_datalist
+def _pretraining_listing(cfg: ExperimentConfig, out: Path, split: dict[str, Any]) -> dict[str, Any]:
+    """The pre-training data of the run: ``<out>/pretraining.json`` (written when the folder has no checkpoints yet,
+    from ``cfg.pretraining``), checked against the split on every run so that no test group enters pre-training.
 
-    listing = out / "unlabeled.json"
-    write_datalist(unlabeled_datalist(list(cfg.unlabeled_dir), "size"), listing)
-    return {"datalist": f"$monai_histodiff.data.load_datalist('{listing.as_posix()}')['unlabeled']"}
+    Returns:
+        the report's record: setting, listing file, tiles and draw share per source; ``{"setting": "unknown"}`` when
+        the checkpoints came into the folder without a listing.
+
+    Raises:
+        ExperimentError: when a tile of a test group is in the listing (the group is named).
+        FileNotFoundError: when pre-training is needed and its data are missing.
+    """
+    from monai_histodiff.data.split import check_outside_test
+    from monai_histodiff.data.unlabeled import pretraining_datalist
+
+    listing_file = out / "pretraining.json"
+    trained = (out / "pretrain_diffusion" / "diffusion.pt").is_file()
+    if not listing_file.is_file():
+        if trained:
+            return {"setting": "unknown", "note": "checkpoints found in the folder without pretraining.json"}
+        if cfg.pretraining != "site" and cfg.unlabeled_dir is None:
+            raise FileNotFoundError(f"no pre-trained checkpoints in {out}/pretrain_*/ and no unlabeled_dir to "
+                                    f"pre-train on: copy autoencoder.pt / diffusion.pt there, pass --unlabeled_dir, "
+                                    f"or pre-train on the site's own tiles (--pretraining site)")
+        sources = cfg.unlabeled_dir if isinstance(cfg.unlabeled_dir, (str, type(None))) else list(cfg.unlabeled_dir)
+        try:
+            listing = pretraining_datalist(cfg.pretraining, split, sources, cfg.site_weight)
+        except ValueError as e:
+            raise ExperimentError(f"pre-training data ({cfg.pretraining}): {e}") from e
+        write_datalist(listing, listing_file)
+    listing = load_datalist(listing_file)
+    try:
+        check_outside_test(listing["unlabeled"], split, f"pre-training ({listing_file})")
+    except ValueError as e:
+        raise ExperimentError(str(e)) from e
+    return {"setting": listing.get("setting", "sources"), "listing": listing_file.as_posix(),
+            "tiles": len(listing["unlabeled"]), "sources": listing.get("sources", {})}
 
 
 def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list[Row], classes: list[str],
@@ -454,11 +517,16 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     # stage 1: pre-trained checkpoints (reused when present)
     if cfg.ablation == "no_pretrain":
         _pretrain_on_training_split(out, stages)
-    elif diffusion and not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
-        unlabeled = _unlabeled_overrides(cfg, out)
-        if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
-            stages("pretrain_autoencoder", **unlabeled)
-        stages("pretrain_diffusion", **unlabeled)
+        pretraining = {"setting": "no_pretrain (the labeled training tiles)"}
+    elif diffusion:
+        pretraining = _pretraining_listing(cfg, out, split)
+        if not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
+            listing = f"$monai_histodiff.data.load_datalist('{pretraining['listing']}')['unlabeled']"
+            if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
+                stages("pretrain_autoencoder", datalist=listing)
+            stages("pretrain_diffusion", datalist=listing)
+    else:
+        pretraining = None
 
     # stage 2: adaptation (reused when present); the latent classifier must know the class at low noise. The
     # auxiliary classifier is the selection's feature extractor for every generator; StyleGAN2 trains on the same split
@@ -478,6 +546,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     judge_ckpt = _judge_ckpt(cfg, main, stages)
     if judge_ckpt is not None:
         stages.firewall.add(judge_ckpt.as_posix())
+    ceiling = _ceiling(judge_ckpt, out, use_finetuned=cfg.ablation != "no_finetune") if diffusion else None
 
     # stage 3: per generator one generated pool, topped up until its largest row can fill its quota
     rows = experiment_rows(cfg.ratios, cfg.random_ratio, cfg.generators)
@@ -549,7 +618,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                             "steps": ckpt_meta.get("iterations"), "init_digest": ckpt_meta.get("init_digest"),
                             **{k: metrics[k] for k in METRICS[1:]}})
     _check_equal_budget(results)
-    extra = {"latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
+    extra = {"pretraining": pretraining, "ceiling": ceiling, "latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
              **{_pool_key(g): v for g, v in pools.items() if g != "histodiffusion"}, "judge": judged,
              "selections": selections, "budget": {**budget, "steps": budget["max_epochs"] * budget["epoch_length"]},
              "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - start, 1),
@@ -697,7 +766,9 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_differences(results: Sequence[dict[str, Any]], metric: str = "accuracy") -> dict[str, dict[str, Any]]:
-    """Per row, ``metric`` minus the baseline's on the same seed: per seed, mean and std of the differences."""
+    """Per row, ``metric`` minus the baseline's on the same seed: per seed, mean and std of the differences, and the
+    95% interval of the mean paired difference (Student's t with n - 1 degrees of freedom; None with one seed). An
+    interval that excludes 0 is a gain (or loss) the seeds show, not the spread of one poor seed."""
     base = {r["seed"]: r[metric] for r in results if r["mode"] == "baseline"}
     out: dict[str, dict[str, Any]] = {}
     for r in results:
@@ -706,7 +777,20 @@ def paired_differences(results: Sequence[dict[str, Any]], metric: str = "accurac
         out.setdefault(r["row"], {"per_seed": {}})["per_seed"][r["seed"]] = r[metric] - base[r["seed"]]
     for entry in out.values():
         entry["mean"], entry["std"] = _mean_std(list(entry["per_seed"].values()))
+        entry["ci95"] = paired_interval(list(entry["per_seed"].values()))
     return out
+
+
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` confidence interval of the mean of paired differences (Student's t); None for fewer than 2."""
+    from scipy.stats import t
+
+    n = len(differences)
+    if n < 2:
+        return None
+    mean, std = _mean_std(list(differences))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def write_results(results: Sequence[dict[str, Any]], output_dir: str | os.PathLike, ablation: str | None = None,
@@ -726,7 +810,8 @@ def write_results(results: Sequence[dict[str, Any]], output_dir: str | os.PathLi
     steps = next((r.get("steps") for r in results if r.get("steps")), None)
     title = (f"Table 1 protocol{f' (ablation: {ablation})' if ablation else ''}; mean +- std over seeds {seeds}; "
              f"every row's downstream classifier trained for the same {steps} optimizer steps from the same "
-             f"initialisation per seed; paired difference = row - baseline on the same seed")
+             f"initialisation per seed; paired difference = row - baseline on the same seed, mean +- std "
+             f"[95% interval, Student's t]")
     lines = [f"<!-- {title} -->",
              f"| | kept / quota | {fd_name} | Accuracy | F1 (macro) | Sensitivity (macro) | Specificity (macro) "
              f"| Accuracy - baseline (paired) |",
@@ -736,13 +821,30 @@ def write_results(results: Sequence[dict[str, Any]], output_dir: str | os.PathLi
         kept = "/" if s["mode"] == "baseline" else f"{s['kept']} / {s['quota']}" + (
             " **short**" if s["status"] == "short" else "")
         d = diffs.get(s["row"])
-        diff = "/" if d is None else f"{d['mean']:+.3f} +- {d['std']:.3f}"
+        diff = "/" if d is None else f"{d['mean']:+.3f} +- {d['std']:.3f}" + (
+            "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
         lines.append(f"| {s['row']} | {kept} | " + " | ".join(cells) + f" | {diff} |")
     lines.append("")
     lines.append(f"_{title}._")
+    lines += _report_lines(report or {})
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(summary, out / "accuracy_vs_ratio.png")
     return {"csv": str(out / "results.csv"), "md": str(out / "results.md"), "png": str(out / "accuracy_vs_ratio.png")}
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    """What ``results.md`` says below the table of the run's pre-training data and of its ceiling."""
+    lines = []
+    pre = report.get("pretraining")
+    if pre:
+        sources = ", ".join(f"{name} {info.get('count')}" for name, info in (pre.get("sources") or {}).items())
+        lines += ["", f"Pre-training data: {pre.get('setting')}" + (f" ({pre.get('tiles')} tiles: {sources})"
+                                                                   if sources else "") + "."]
+    ceiling = report.get("ceiling")
+    if ceiling:
+        acc = ", ".join(f"{k} {v:.3f}" for k, v in ceiling["accuracy"].items())
+        lines += ["", f"Ceiling (the judge on {ceiling['tiles']} {ceiling['part']} tiles): {acc}."]
+    return lines
 
 
 def _plot(summary: Sequence[dict[str, Any]], path: Path) -> None:

@@ -240,3 +240,39 @@ def test_pool_record_counts_the_tiles_a_rerun_finds(tmp_path):
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _pool_sizes(tmp_path, ["A", "B"], [3, 3]) == [5, 3]
     assert _pool_sizes(tmp_path / "absent", ["A", "B"], [3, 3]) == [3, 3]
+
+
+def test_paired_interval_of_the_mean_difference():
+    """Student's t, hand-computed: differences 0.01, 0.03, 0.02 -> mean 0.02, std 0.01, t(0.975, 2) = 4.3027."""
+    from monai_histodiff.experiment import paired_interval
+
+    lo, hi = paired_interval([0.01, 0.03, 0.02])
+    half = 4.302653 * 0.01 / 3 ** 0.5
+    assert lo == pytest.approx(0.02 - half, abs=1e-6) and hi == pytest.approx(0.02 + half, abs=1e-6)
+    assert paired_interval([0.02]) is None
+    rows = [{"row": "b", "mode": "baseline", "seed": s, "accuracy": 0.5} for s in range(3)]
+    rows += [{"row": "x", "mode": "selective", "seed": s, "accuracy": 0.5 + d} for s, d in enumerate((.01, .03, .02))]
+    assert paired_differences(rows)["x"]["ci95"] == pytest.approx((lo, hi))
+
+
+def test_a_test_tile_in_pretraining_stops_the_run_before_any_stage(tmp_path):
+    """A pre-training listing that holds a tile of a test group (here: written by hand into the run folder, as a
+    reused or edited listing would be) stops the runner, naming the group, before anything is trained."""
+    from PIL import Image
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tiles / name)
+    run = tmp_path / "run"
+    write_datalist({"classes": ["x", "y"], "training": [{"image": str(tiles / "a.png"), "label": 0, "group": "ga"}],
+                    "validation": [], "pool": [],
+                    "test": [{"image": str(tiles / "b.png"), "label": 1, "group": "gt"}]}, run / "split.json")
+    write_datalist({"setting": "site", "unlabeled": [{"image": str(tiles / "a.png"), "sample_weight": 1.0},
+                                                      {"image": str(tiles / "c.png"), "group": "gt",
+                                                       "sample_weight": 1.0}]}, run / "pretraining.json")
+    with pytest.raises(ExperimentError, match="group 'gt' of the test set"):
+        run_experiment(ExperimentConfig(output_dir=str(run), pretraining="site", seeds=(0,)))
+    assert not (run / "pretrain_autoencoder").exists() and not (run / "logs").exists()
+    with pytest.raises(ValueError, match="pretraining must be one of"):
+        ExperimentConfig(output_dir=str(run), pretraining="everything")

@@ -23,7 +23,7 @@ import numpy as np
 
 from monai_histodiff.data.datalist import DUPLICATE_GROUP_PREFIX, class_counts, write_datalist
 
-__all__ = ["stratified_sample", "make_split", "write_split", "check_groups_disjoint", "group_key"]
+__all__ = ["stratified_sample", "make_split", "write_split", "check_groups_disjoint", "check_outside_test", "group_key"]
 
 SPLIT_PARTS = ("training", "validation", "test", "pool")
 
@@ -217,6 +217,41 @@ def check_groups_disjoint(split: Mapping[str, Any], parts: Sequence[str] = SPLIT
                     "tiles of one group must stay on one side of the split"
                 )
     return len(seen)
+
+
+def check_outside_test(items: Sequence[Mapping[str, Any]], split: Mapping[str, Any], what: str) -> int:
+    """Refuse any item that is a test tile or a tile of a test group: the wall between the test set and ``what``.
+
+    An item is matched to the split by its group (items that carry one) and by its file (resolved path), so a folder
+    listed without groups (e.g. the labeled dataset handed over as unlabeled pre-training data) inherits the group its
+    file has in the split: a near-copy of a test tile is caught, not only the test tile itself.
+
+    Args:
+        items: the data to check (``{"image", ["group"]}``), e.g. a pre-training listing or the judge's data.
+        split: the split datalist whose ``test`` part must stay unseen.
+        what: what ``items`` are, for the message ("pre-training", "the judge's data").
+
+    Returns:
+        the number of items checked.
+
+    Raises:
+        ValueError: naming the first test group (or test image) found in ``items``, with the test tile and the item.
+    """
+    def real(path: Any) -> str:
+        return os.path.realpath(str(path))
+
+    group_of = {real(it["image"]): group_key(it) for part in SPLIT_PARTS for it in split.get(part) or []}
+    test_units = {group_key(it): str(it["image"]) for it in split.get("test") or []}
+    test_files = {real(it["image"]): str(it["image"]) for it in split.get("test") or []}
+    for it in items:
+        unit = group_key(it) if it.get("group") not in (None, "") else group_of.get(real(it["image"]), group_key(it))
+        hit = test_units.get(unit) or test_files.get(real(it["image"]))
+        if hit is not None:
+            kind, name = unit
+            where = f"group {name!r}" if kind == "g" else f"image {name!r}"
+            raise ValueError(f"{where} of the test set ({hit}) is also in {what} ({it['image']}): no tile of a test "
+                             f"group may enter {what}; leave the test tiles out of it or draw another split")
+    return len(items)
 
 
 def write_split(split: dict[str, Any], path: str | os.PathLike) -> str:

@@ -23,6 +23,8 @@ from monai.transforms import (
     MapTransform,
     RandFlipd,
     RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     Resized,
     ScaleIntensityRanged,
 )
@@ -96,6 +98,7 @@ def tile_transforms(
     flip_prob: float = 0.5,
     rotate90_prob: float = 0.5,
     load: bool = True,
+    color_jitter: float = 0.0,
 ) -> Compose:
     """Transforms that turn a datalist item into a normalised tile tensor ``[3, H, W]`` in [-1, 1].
 
@@ -107,6 +110,9 @@ def tile_transforms(
         flip_prob: probability of each flip when ``augment``.
         rotate90_prob: probability of a 90/180/270-degree rotation when ``augment``.
         load: include the load step (False when the item already holds an array).
+        color_jitter: with ``augment``, mild colour jitter: each channel scaled by a random factor in
+            ``[1 - color_jitter, 1 + color_jitter]`` and shifted by up to ``color_jitter`` (in the [-1, 1] range), the
+            stain variation a pathology user augments with anyway; 0: none.
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     steps: list = []
@@ -123,6 +129,11 @@ def tile_transforms(
             RandFlipd(keys, prob=flip_prob, spatial_axis=1),
             RandRotate90d(keys, prob=rotate90_prob, max_k=3),
         ]
+        if color_jitter > 0:
+            steps += [
+                RandScaleIntensityd(keys, factors=color_jitter, prob=1.0, channel_wise=True),
+                RandShiftIntensityd(keys, offsets=color_jitter, prob=1.0, channel_wise=True),
+            ]
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
     return Compose(steps)
 

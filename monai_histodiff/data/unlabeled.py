@@ -14,7 +14,13 @@ from typing import Any
 
 from monai_histodiff.data.datalist import IMAGE_EXTENSIONS, list_images
 
-__all__ = ["sources_in", "unlabeled_datalist", "format_source_counts", "source_counts"]
+__all__ = ["PRETRAINING_SETTINGS", "sources_in", "unlabeled_datalist", "site_unlabeled_datalist", "pretraining_datalist",
+           "format_source_counts", "source_counts"]
+
+#: What a site pre-trains on: ``sources`` (the paper's setting: public sources that exclude the target set), ``site``
+#: (the site's own unlabeled tiles, labels dropped, never a test group) or ``site+sources`` (both, with source weights).
+PRETRAINING_SETTINGS = ("sources", "site", "site+sources")
+SITE_PARTS = ("pool", "training", "validation")
 
 
 def sources_in(parent: str | os.PathLike) -> dict[str, str]:
@@ -74,6 +80,86 @@ def unlabeled_datalist(
     if not items:
         raise ValueError(f"no images found in any source: {dict(sources)}")
     return {"unlabeled": items, "sources": info}
+
+
+def site_unlabeled_datalist(split: Mapping[str, Any], parts: Sequence[str] = SITE_PARTS,
+                            source: str = "site") -> dict[str, Any]:
+    """The site's own tiles as one unlabeled source: every tile of ``parts`` of its split, labels dropped.
+
+    This is what a hospital has besides its few labels (Fig. 1 of the paper: the diffusion model learns from all its
+    tiles, a GAN only from the labeled ones). The test part is never listed, and
+    :func:`~monai_histodiff.data.split.check_outside_test` proves that no tile of a test group is (the run stops
+    naming the group otherwise). Each tile keeps its ``group``.
+
+    Args:
+        split: the split datalist (:func:`~monai_histodiff.data.split.make_split`).
+        parts: the parts listed; ``"test"`` is refused.
+        source: the source's name in the listing and in the checkpoints' records.
+
+    Returns:
+        ``{"unlabeled": [{"image", "source", "sample_weight", ["group"]}], "sources": {source: {...}}}``, the form of
+        :func:`unlabeled_datalist`.
+    """
+    from monai_histodiff.data.split import check_outside_test
+
+    if "test" in parts:
+        raise ValueError("the test part of a split is never pre-training data")
+    items = [{"image": str(it["image"]), "source": source, "sample_weight": 1.0,
+              **({"group": it["group"]} if it.get("group") not in (None, "") else {})}
+             for part in parts for it in split.get(part) or []]
+    if not items:
+        raise ValueError(f"the split has no tiles in {list(parts)} to pre-train on")
+    check_outside_test(items, split, "pre-training")
+    return {"unlabeled": items, "sources": {source: {"folder": f"split parts {'+'.join(parts)}", "count": len(items),
+                                                     "weight": None}}}
+
+
+def pretraining_datalist(setting: str, split: Mapping[str, Any] | None = None,
+                         sources: Mapping[str, str] | Sequence[str] | str | None = None,
+                         site_weight: float = 0.5) -> dict[str, Any]:
+    """The unlabeled listing of one pre-training setting (:data:`PRETRAINING_SETTINGS`), checked against the split.
+
+    Args:
+        setting: ``"sources"``, ``"site"`` or ``"site+sources"``.
+        split: the site's split (needed by the site settings, and for the test-group check of every setting).
+        sources: public source folders (:func:`unlabeled_datalist`'s ``sources``) for the settings that use them.
+        site_weight: with ``"site+sources"``, the share of draws that go to the site's tiles (the rest to the sources,
+            each of their tiles equally often).
+
+    Returns:
+        the listing (``unlabeled`` items with ``sample_weight``, ``sources``) plus ``"setting"``.
+
+    Raises:
+        ValueError: for an unknown setting, a missing input, a weight outside (0, 1), or a tile of a test group in
+            the listing (:func:`~monai_histodiff.data.split.check_outside_test`; the group is named).
+    """
+    from monai_histodiff.data.split import check_outside_test
+
+    if setting not in PRETRAINING_SETTINGS:
+        raise ValueError(f"pre-training setting must be one of {list(PRETRAINING_SETTINGS)}, got {setting!r}")
+    if setting != "sources" and split is None:
+        raise ValueError(f"pre-training setting {setting!r} lists the site's tiles: give the split")
+    if setting != "site" and not sources:
+        raise ValueError(f"pre-training setting {setting!r} needs public source folders (unlabeled_dir)")
+    if setting == "site":
+        listing = site_unlabeled_datalist(split)
+    elif setting == "sources":
+        listing = unlabeled_datalist(sources, "size")
+    else:
+        if not 0.0 < site_weight < 1.0:
+            raise ValueError(f"site_weight must be in (0, 1), got {site_weight}")
+        site, public = site_unlabeled_datalist(split), unlabeled_datalist(sources, "size")
+        n_site, n_public = len(site["unlabeled"]), len(public["unlabeled"])
+        for it in site["unlabeled"]:
+            it["sample_weight"] = site_weight / n_site
+        for it in public["unlabeled"]:
+            it["sample_weight"] = (1.0 - site_weight) / n_public
+        info = {name: {**i, "weight": site_weight if name == "site" else (1.0 - site_weight) * i["count"] / n_public}
+                for name, i in {**site["sources"], **public["sources"]}.items()}
+        listing = {"unlabeled": site["unlabeled"] + public["unlabeled"], "sources": info}
+    if split is not None:
+        check_outside_test(listing["unlabeled"], split, "pre-training")
+    return {**listing, "setting": setting}
 
 
 def format_source_counts(datalist: Mapping[str, Any]) -> str:

@@ -26,19 +26,14 @@ from typing import Any
 import torch
 
 from monai_histodiff.data.datalist import class_counts, load_datalist
-from monai_histodiff.data.split import group_key, stratified_sample
+from monai_histodiff.data.split import check_outside_test, stratified_sample
 from monai_histodiff.metrics.evaluate import predict, synthetic_frechet_distance
 
-__all__ = ["JUDGE_REAL_REFERENCE", "judge_datalist", "conditional_accuracy", "judge_generated", "paired_agreement",
-           "read_decisions"]
+__all__ = ["JUDGE_REAL_REFERENCE", "judge_datalist", "conditional_accuracy", "judge_generated", "judge_reconstructions",
+           "paired_agreement", "read_decisions"]
 
 #: What the Frechet distance of :func:`judge_generated` compares synthetic tiles with.
 JUDGE_REAL_REFERENCE = "split training + validation tiles"
-
-
-def _test_groups(split: Mapping[str, Any]) -> dict[tuple[str, str], str]:
-    """The units (group, or image for an item without one) of the split's test set, with one image each."""
-    return {group_key(it): str(it["image"]) for it in split.get("test") or []}
 
 
 def judge_datalist(split: Mapping[str, Any] | str | os.PathLike, val_fraction: float = 0.1,
@@ -70,14 +65,7 @@ def judge_datalist(split: Mapping[str, Any] | str | os.PathLike, val_fraction: f
         raise ValueError("the split has no 'classes': give the split datalist written by make_split")
     pool = list(split.get("pool") or [])
     labeled = [*pool, *(split.get("training") or []), *(split.get("validation") or [])]
-    test_units = _test_groups(split)
-    for it in labeled:
-        hit = test_units.get(group_key(it))
-        if hit is not None:
-            kind, name = group_key(it)
-            what = f"group {name!r}" if kind == "g" else f"image {name!r}"
-            raise ValueError(f"{what} of the test set ({hit}) is also in the judge's data ({it['image']}): the judge "
-                             "must never see a test group")
+    check_outside_test(labeled, split, "the judge's data")
     k = len(classes)
     if val_fraction > 0:
         validation, training = stratified_sample(labeled, k, fraction=val_fraction, seed=seed, min_per_class=0)
@@ -246,6 +234,95 @@ def judge_generated(judge_ckpt: str | os.PathLike, synthetic: str | os.PathLike,
         out["decisions_csv"] = str(decisions_csv)
         out["not_in_decisions"] = sum(1 for it in items if it["file"] not in kept_of)
         out["frechet_kept"] = frechet([it for it in items if kept_of.get(it["file"]) is True])
+    return out
+
+
+def judge_reconstructions(judge_ckpt: str | os.PathLike, autoencoder_ckpt: str | os.PathLike,
+                          split_file: str | os.PathLike, decoder_ckpt: str | os.PathLike | None = None,
+                          per_class: int | None = 100, part: str = "test", grid_path: str | os.PathLike | None = None,
+                          batch_size: int = 64, device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
+    """The ceiling of the generator: how well the judge still recognises real tiles after the autoencoder.
+
+    The diffusion model only ever makes latents, so a class the autoencoder does not keep cannot come out of
+    generation. The judge reads the same real tiles three ways: ``x``, ``D(E(x))`` (the pre-trained autoencoder) and,
+    with ``decoder_ckpt``, ``D'(E(x))`` (the decoder fine-tuned at the site); ``E(x)`` is the posterior mean. Each
+    reconstruction is rounded to 8 bits as a written tile is.
+
+    Args:
+        judge_ckpt: the judge (:func:`judge_datalist`, a ``train_downstream`` checkpoint).
+        autoencoder_ckpt: the pre-trained autoencoder.
+        split_file: the split; its ``part`` tiles are read.
+        decoder_ckpt: the fine-tuned decoder D' (made from this autoencoder; checked).
+        per_class: at most this many tiles per class (a seeded draw; None: all).
+        part: the split's part to read (``"test"``: tiles no stage trained on).
+        grid_path: write a PNG there: per class a row of x, of D(E(x)) and (with D') of D'(E(x)).
+        batch_size: tiles per forward pass.
+        device: where the networks run.
+        seed: seed of the per-class draw.
+
+    Returns:
+        ``{"part", "tiles", "accuracy": {"x", "D(E(x))", ["D'(E(x))"]}, "per_class": {name: {...}},
+        "l1": {"D(E(x))", ...} (mean absolute error in [-1, 1]), "confusion": {...}, "grid"}``.
+    """
+    import numpy as np
+
+    from monai_histodiff.data.transforms import tile_transforms
+    from monai_histodiff.engines.loading import check_classes, checkpoint_classes, load_autoencoder, \
+        load_tile_classifier
+    from monai_histodiff.handlers.checkpoint import load_checkpoint
+
+    classes = checkpoint_classes(judge_ckpt)
+    split = load_datalist(split_file)
+    check_classes(classes, split["classes"], judge_ckpt, split_file)
+    image_size = int(load_checkpoint(judge_ckpt, stage="train_downstream")["meta"]["config"]["image_size"])
+    items = list(split.get(part) or [])
+    if not items:
+        raise ValueError(f"{split_file} has no '{part}' tiles to reconstruct")
+    rng = np.random.default_rng(seed)
+    chosen: list[dict] = []
+    for c in range(len(classes)):
+        of_c = [it for it in items if int(it["label"]) == c]
+        if per_class is not None and len(of_c) > per_class:
+            of_c = [of_c[i] for i in sorted(rng.choice(len(of_c), per_class, replace=False))]
+        chosen += of_c
+    judge = load_tile_classifier(judge_ckpt, device=device)
+    coders = {"D(E(x))": load_autoencoder(autoencoder_ckpt, device=device)}
+    if decoder_ckpt is not None:
+        coders["D'(E(x))"] = load_autoencoder(autoencoder_ckpt, decoder_ckpt, device=device)
+    load = tile_transforms(image_size)
+    labels: list[int] = []
+    preds: dict[str, list[int]] = {"x": [], **{k: [] for k in coders}}
+    l1: dict[str, float] = {k: 0.0 for k in coders}
+    shown: dict[str, list[torch.Tensor]] = {k: [] for k in preds}
+    with torch.no_grad():
+        for start in range(0, len(chosen), batch_size):
+            batch = chosen[start:start + batch_size]
+            x = torch.stack([load(dict(it))["image"] for it in batch]).to(device)
+            labels += [int(it["label"]) for it in batch]
+            z = coders["D(E(x))"].encode(x)[0]  # the posterior mean; D and D' share the encoder
+            views = {"x": x}
+            for name, coder in coders.items():
+                rec = ((coder.decode(z).clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # as an 8-bit tile
+                l1[name] += float((rec - x).abs().mean(dim=(1, 2, 3)).sum())
+                views[name] = rec
+            for name, v in views.items():
+                preds[name] += judge(v).argmax(1).tolist()
+                shown[name].append(v.cpu())
+    out: dict[str, Any] = {"judge": str(judge_ckpt), "autoencoder": str(autoencoder_ckpt),
+                           "decoder": None if decoder_ckpt is None else str(decoder_ckpt), "part": part,
+                           "tiles": len(chosen), "accuracy": {}, "per_class": {}, "confusion": {},
+                           "l1": {k: v / len(chosen) for k, v in l1.items()}}
+    for name, p in preds.items():
+        tally = _tally(labels, p, classes)
+        out["accuracy"][name] = tally["accuracy"]
+        out["per_class"][name] = {c: v["accuracy"] for c, v in tally["per_class"].items()}
+        out["confusion"][name] = tally["confusion"]
+    if grid_path is not None:
+        from monai_histodiff.handlers.image_grid import make_grid, save_grid
+
+        views = {k: torch.cat(v) for k, v in shown.items()}
+        rows = [views[k][[i for i, y in enumerate(labels) if y == c][:8]] for c in range(len(classes)) for k in views]
+        out["grid"] = str(save_grid(make_grid(rows, max_items=8), grid_path))
     return out
 
 
