@@ -618,7 +618,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                             "steps": ckpt_meta.get("iterations"), "init_digest": ckpt_meta.get("init_digest"),
                             **{k: metrics[k] for k in METRICS[1:]}})
     _check_equal_budget(results)
-    extra = {"pretraining": pretraining, "ceiling": ceiling, "latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
+    check = out / "generate" / "guidance_check.json"
+    extra = {"pretraining": pretraining, "ceiling": ceiling,
+             "guidance_check": json.loads(check.read_text()) if check.is_file() else None, "latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
              **{_pool_key(g): v for g, v in pools.items() if g != "histodiffusion"}, "judge": judged,
              "selections": selections, "budget": {**budget, "steps": budget["max_epochs"] * budget["epoch_length"]},
              "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - start, 1),
@@ -840,6 +842,13 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
         sources = ", ".join(f"{name} {info.get('count')}" for name, info in (pre.get("sources") or {}).items())
         lines += ["", f"Pre-training data: {pre.get('setting')}" + (f" ({pre.get('tiles')} tiles: {sources})"
                                                                    if sources else "") + "."]
+    check = report.get("guidance_check")
+    if check:
+        key = check["measure"]
+        lines += ["", f"Guidance check ({check['per_class']} tiles per class, {key}): g = 0 "
+                      f"{check['unguided'][key]:.3f}, g = {check['guidance_scale']:g} {check['guided'][key]:.3f} "
+                      f"(chance {check['chance']:.3f}): " + ("guidance steers." if check["steers"] else
+                                                             "**guidance does nothing here**.")]
     ceiling = report.get("ceiling")
     if ceiling:
         acc = ", ".join(f"{k} {v:.3f}" for k, v in ceiling["accuracy"].items())

@@ -63,9 +63,14 @@ from monai_histodiff.selection.rules import quotas_from_ratio
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["GuidedTileGenerator", "TileGenerator", "merge_manifests", "tile_seed"]
+__all__ = ["GUIDANCE_CHECK_OFFSET", "GuidedTileGenerator", "TileGenerator", "merge_manifests", "tile_seed"]
 
 logger = logging.getLogger(__name__)
+
+
+#: tile indices of :meth:`GuidedTileGenerator.guidance_check`: far above any pool's, so the check never reuses the
+#: noise of a tile it might write
+GUIDANCE_CHECK_OFFSET = 10**9
 
 
 def tile_seed(seed: int, class_index: int, index: int) -> int:
@@ -657,6 +662,66 @@ class GuidedTileGenerator(TileGenerator):
 
     def _prepare(self) -> PerSampleNoiseDDPMScheduler | PerSampleNoiseDDIMScheduler:
         return self._sampler()
+
+    def guidance_check(self, per_class: int = 8, image_classifier: torch.nn.Module | None = None,
+                       min_gain: float = 0.1, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Before the pool: does guidance steer? ``per_class`` tiles per class sampled unguided (g = 0) and at the
+        stage's g from the same noise, read by the site's auxiliary image classifier phi (the share it assigns to the
+        requested class) and by the latent classifier (its mean probability of the requested class at t = 0).
+
+        The check's tiles use indices from :data:`GUIDANCE_CHECK_OFFSET` on, so their noise is never a pool tile's.
+        A gain of phi's agreement under ``min_gain`` is logged as a warning that guidance does nothing here (a pool
+        of thousands of tiles would then be unconditional samples with class names). Rank 0 only; nothing is
+        written to the manifest.
+
+        Returns:
+            ``{"per_class", "guidance_scale", "steps", "unguided": {...}, "guided": {...}, "gain", "steers",
+            "seconds"}`` with per setting ``latent_probability`` and, with ``image_classifier``, ``aux_agreement``
+            and ``aux_agreement_per_class``; ``{}`` when ``per_class`` is 0 or on other ranks. Written to ``path``
+            (default ``<output_dir>/guidance_check.json``).
+        """
+        if per_class < 1 or self.rank != 0:
+            return {}
+        start = time.perf_counter()
+        pairs = [(c, GUIDANCE_CHECK_OFFSET + i) for c in range(len(self.class_names)) for i in range(per_class)]
+        labels = torch.tensor([c for c, _ in pairs])
+        scale, result = self.guidance_scale, {}
+        try:
+            for name, g in (("unguided", 0.0), ("guided", scale)):
+                self.guidance_scale = g
+                images, probs = [], []
+                for i in range(0, len(pairs), self.batch_size):
+                    im, pr = self.generate_batch(pairs[i:i + self.batch_size])
+                    images.append(im)
+                    probs.append(pr)
+                entry: dict[str, Any] = {"guidance_scale": g, "latent_probability": float(torch.cat(probs).mean())}
+                if image_classifier is not None:
+                    with torch.no_grad():
+                        pred = torch.cat([image_classifier(im.to(self.device)).argmax(1).cpu() for im in images])
+                    hits = (pred == labels).float()
+                    entry["aux_agreement"] = float(hits.mean())
+                    entry["aux_agreement_per_class"] = {
+                        n: float(hits[labels == c].mean()) for c, n in enumerate(self.class_names)}
+                    entry["aux_predicted_counts"] = {
+                        n: int((pred == c).sum()) for c, n in enumerate(self.class_names)}
+                result[name] = entry
+        finally:
+            self.guidance_scale = scale
+        key = "aux_agreement" if image_classifier is not None else "latent_probability"
+        gain = result["guided"][key] - result["unguided"][key]
+        report = {"per_class": per_class, "guidance_scale": scale, "steps": self.num_inference_steps,
+                  "measure": key, **result, "gain": gain, "steers": gain >= min_gain, "min_gain": min_gain,
+                  "chance": 1.0 / len(self.class_names), "seconds": round(time.perf_counter() - start, 1)}
+        path = path or os.path.join(self.output_dir, "guidance_check.json")
+        atomic_write(path, lambda p: p.write_text(json.dumps(report, indent=1)))
+        logger.info("guidance check (%d tiles per class, %s): g=0 %.3f, g=%g %.3f (chance %.3f) -> %s", per_class,
+                    key, result["unguided"][key], scale, result["guided"][key], report["chance"], path)
+        if not report["steers"]:
+            logger.warning("guidance does nothing here: at g=%g the %s is %.3f against %.3f unguided (gain %+.3f < "
+                           "%.2f; %s). The pool would be unconditional samples labelled with classes: check the latent "
+                           "classifier's accuracy per noise bucket, or raise guidance_scale.", scale, key,
+                           result["guided"][key], result["unguided"][key], gain, min_gain, path)
+        return report
 
     @torch.no_grad()
     def generate_batch(

@@ -204,6 +204,14 @@ class LatentCache:
         """
         return float(self.mu.std() / self.sigma.mean().clamp_min(1e-12))
 
+    def sample_latents(self, num: int, scale_factor: float, seed: int = 0) -> torch.Tensor:
+        """``num`` latents ``scale_factor * (mu + sigma * eps)`` of distinct tiles drawn at random (all tiles when the
+        cache holds fewer): the distribution the diffusion model was trained on."""
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(self), generator=generator)[:num]
+        eps = torch.randn(self.mu[index].shape, generator=generator)
+        return float(scale_factor) * (self.mu[index] + self.sigma[index] * eps)
+
     def warn_if_noisy(self, name: str, threshold: float = 2.0) -> float:
         """Log a warning naming ``name`` when :meth:`posterior_signal_to_noise` is below ``threshold``; return it."""
         snr = self.posterior_signal_to_noise()

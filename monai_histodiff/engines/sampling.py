@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.inferers import LatentDiffusionInferer
+from monai.inferers import DiffusionInferer, LatentDiffusionInferer
 from monai.networks.schedulers import DDIMScheduler
 
 from monai_histodiff.engines.distributed import unwrap_model
@@ -48,6 +48,20 @@ class UnconditionalSampler:
         images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, verbose=False)
         model.train(was_training)
         return images.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def latents(self, num_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """``num_samples`` latents sampled from noise, undecoded, in the diffusion model's scaled space (what the
+        model learnt: ``scale_factor * z``), for comparing with the training latents."""
+        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
+        model = unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        noise = torch.randn((num_samples or self.num_samples, *self.latent_shape), generator=generator)
+        latents = DiffusionInferer(self.scheduler).sample(noise.to(self.device), model, verbose=False)
+        model.train(was_training)
+        return latents.float().cpu()
 
 
 class ReconstructionComparison:

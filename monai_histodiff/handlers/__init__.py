@@ -70,3 +70,9 @@ from monai_histodiff.handlers.ema import (  # noqa: E402
 __all__ += ["EMA_WARN_INITIAL_WEIGHT", "WarmupEMAHandler", "ema_initial_weight", "ema_momentum",
             "ema_summary_from_checkpoint", "warn_if_unconverged"]
 # --- end EMA with warm-up ---
+
+# --- the unconditional model against its training latents, at the end of pre-training ---
+from monai_histodiff.handlers.sample_check import UnconditionalSampleCheck  # noqa: E402
+
+__all__ += ["UnconditionalSampleCheck"]
+# --- end unconditional sample check ---

@@ -68,6 +68,11 @@ def test_diffusion_checkpoint_scale_factor_and_pairing(pretrained, tmp_path):
         load_diffusion(diff_path, autoencoder_path=other)
     assert str(diff_path) in str(e.value) and str(other) in str(e.value)
     assert (pretrained / "pretrain_diffusion" / "grids" / "unconditional_samples_epoch0001.png").is_file()
+    # the end-of-training check of the unconditional samples against the training latents
+    check = json.loads((pretrained / "pretrain_diffusion" / "sample_check.json").read_text())
+    assert check["iteration"] == n and check["num_sampled"] >= 2 and len(check["std_ratio"]) == 3
+    assert check["data"]["std"] == pytest.approx([1.0] * 3, abs=0.5)  # scaled latents: spread about 1
+    assert check["ok"] == (not check["warnings"]) and check["fd_pooled_reference"] >= 0
 
 
 def test_diffusion_on_real_unlabeled_tiles_without_cache(pretrained, unlabeled_dir, tmp_path):

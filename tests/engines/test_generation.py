@@ -376,3 +376,33 @@ def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, mon
     assert all(data == _tiles(reference)[p] for p, data in finished.items())  # every finished tile intact
     summary = _make(nets, out).run()
     assert summary["generated"] == 4 and _tiles(out) == _tiles(reference) and len(_rows(out)) == 7
+
+
+class _ByMeanColour(nn.Module):
+    """An 'auxiliary classifier' reading the tile: class 0 when its mean red is above its mean blue, else class 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        diff = x[:, 0].mean((1, 2)) - x[:, 2].mean((1, 2))
+        return torch.stack([diff, -diff], 1)
+
+
+def test_guidance_check_measures_g0_against_g_before_the_pool(nets, tmp_path, caplog):
+    """The check samples the same noise at g = 0 and at the stage's g, writes guidance_check.json, touches neither
+    the manifest nor the tile folders, and says so loudly when guidance changes nothing."""
+    out = tmp_path / "gen"
+    strong = _make(nets, out, per_sample=False, guidance_scale=200.0)
+    report = strong.guidance_check(per_class=4, image_classifier=_ByMeanColour())
+    assert report["unguided"]["guidance_scale"] == 0.0 and report["guided"]["guidance_scale"] == 200.0
+    assert strong.guidance_scale == 200.0  # restored
+    # a strong gradient of log p(y | z_t) raises the latent classifier's probability of the requested class
+    assert report["guided"]["latent_probability"] > report["unguided"]["latent_probability"]
+    assert report["measure"] == "aux_agreement" and sum(report["guided"]["aux_predicted_counts"].values()) == 8
+    assert json.loads((out / "guidance_check.json").read_text())["gain"] == pytest.approx(report["gain"])
+    assert not list(out.glob("manifest*")) and not [p for p in out.iterdir() if p.is_dir()]
+    # g = 0 at the stage: the two settings are the same samples, the gain is 0, and the stage warns
+    with caplog.at_level("WARNING"):
+        flat = _make(nets, tmp_path / "flat", per_sample=False, guidance_scale=0.0).guidance_check(
+            per_class=2, image_classifier=_ByMeanColour())
+    assert flat["gain"] == 0.0 and not flat["steers"] and "guidance does nothing here" in caplog.text
+    assert flat["guided"]["aux_agreement_per_class"] == flat["unguided"]["aux_agreement_per_class"]
+    assert _make(nets, tmp_path / "none", per_sample=False).guidance_check(per_class=0) == {}
