@@ -34,9 +34,13 @@ setup(
         "jsonschema",
         "requests",
         "matplotlib",
+        # whole-slide images (monai_histodiff.data.slides): tifffile-based reader, JPEG / JPEG 2000 tile codecs
+        "tiffslide",
+        "imagecodecs",
     ],
     extras_require={
         "itk": ["itk>=5.3"],
+        "openslide": ["openslide-python", "openslide-bin"],
         "test": ["pytest>=7", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["monai-histodiff=monai_histodiff.__main__:main"]},

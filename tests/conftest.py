@@ -22,6 +22,17 @@ def _real(sub: str) -> Path:
     return path
 
 
+WSI = Path(os.environ.get("HISTODIFF_TEST_WSI", REPO.parent / "shared" / "data" / "wsi"))
+
+
+@pytest.fixture(scope="session")
+def wsi_dir() -> Path:
+    """The three small real H&E slides of ../shared/data/wsi (skip when absent)."""
+    if not (WSI / "CMU-1-Small-Region.svs").is_file():
+        pytest.skip(f"real whole-slide images not found at {WSI} (set HISTODIFF_TEST_WSI to the shared wsi folder)")
+    return WSI
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny networks: one intra-op thread is faster and avoids OpenMP spin-waits on a shared 2-core machine."""

@@ -29,10 +29,27 @@ from monai_histodiff.data.manifest import (
     tile_filename,
 )
 from monai_histodiff.data.prepare import ensure_split, load_labeled, prepare_labeled_split, prepare_unlabeled
-from monai_histodiff.data.split import check_groups_disjoint, make_split, stratified_sample, write_split
+from monai_histodiff.data.slides import (
+    SLIDE_EXTENSIONS,
+    extract_labeled_tiles,
+    extract_tiles,
+    labeled_tiles_from_csv,
+    labeled_tiles_from_regions,
+    plan_tiles,
+    read_geojson_regions,
+    slide_datalist,
+)
+from monai_histodiff.data.split import check_groups_disjoint, check_outside_test, make_split, stratified_sample, write_split
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
 from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
-from monai_histodiff.data.unlabeled import format_source_counts, source_counts, sources_in, unlabeled_datalist
+from monai_histodiff.data.unlabeled import (
+    format_source_counts,
+    pretraining_datalist,
+    site_unlabeled_datalist,
+    source_counts,
+    sources_in,
+    unlabeled_datalist,
+)
 from monai_histodiff.data.validation import (
     BadFilesError,
     CorruptFileError,
@@ -69,6 +86,17 @@ __all__ = [
     "prepare_labeled_split",
     "prepare_unlabeled",
     "check_groups_disjoint",
+    "check_outside_test",
+    "SLIDE_EXTENSIONS",
+    "extract_labeled_tiles",
+    "extract_tiles",
+    "labeled_tiles_from_csv",
+    "labeled_tiles_from_regions",
+    "plan_tiles",
+    "read_geojson_regions",
+    "slide_datalist",
+    "pretraining_datalist",
+    "site_unlabeled_datalist",
     "make_split",
     "stratified_sample",
     "write_split",

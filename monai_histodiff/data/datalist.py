@@ -45,6 +45,8 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 GROUPS_FILENAME = "groups.csv"
 DUPLICATE_GROUP_PREFIX = "sha256:"
+#: groups of tiles cut from one whole-slide image: a slide may hold regions of several classes, drawn as one unit
+SLIDE_GROUP_PREFIX = "slide:"
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +217,12 @@ def class_counts(items: Iterable[dict], num_classes: int) -> list[int]:
 
 
 def items_digest(items: Iterable[dict], length: int = 12) -> str:
-    """Short sha256 of the image paths and labels of a list: names a cache after the exact data it holds."""
+    """Short sha256 of the image paths and labels of a list (and, for slide tiles, their location, level and size):
+    names a cache after the exact data it holds."""
     h = hashlib.sha256()
-    for it in sorted(items, key=lambda d: d["image"]):
-        h.update(f"{os.path.abspath(it['image'])}|{it.get('label', '')}\n".encode())
+    for it in sorted(items, key=lambda d: (d["image"], *d.get("location", ()))):
+        region = f"|{it['location']}|{it.get('level')}|{it.get('read_size')}|{it.get('size')}" if "location" in it else ""
+        h.update(f"{os.path.abspath(it['image'])}|{it.get('label', '')}{region}\n".encode())
     return h.hexdigest()[:length]
 
 

@@ -7,12 +7,14 @@ found by hashing) so that no group is split across training, validation and test
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai_histodiff.data.datalist import (
+    IMAGE_EXTENSIONS,
     find_groups_file,
     group_duplicate_files,
     load_datalist,
@@ -23,7 +25,7 @@ from monai_histodiff.data.datalist import (
 )
 from monai_histodiff.data.split import check_groups_disjoint, make_split
 from monai_histodiff.data.unlabeled import unlabeled_datalist
-from monai_histodiff.data.validation import check_class_images, scan_images
+from monai_histodiff.data.validation import BadFilesError, check_class_images, scan_images
 
 __all__ = ["load_labeled", "prepare_labeled_split", "prepare_unlabeled", "ensure_split"]
 
@@ -101,15 +103,49 @@ def prepare_unlabeled(
     output: str | os.PathLike,
     weights: Mapping[str, float] | Sequence[float] | str | None = "equal",
     bad_files: str = "skip",
+    slides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Scan M unlabeled sources and write the pre-training datalist (``unlabeled`` list with sample weights)."""
-    data = unlabeled_datalist(sources, weights)
-    good, bad = scan_images(data["unlabeled"], policy=bad_files, report_dir=Path(output).parent)
-    data["unlabeled"] = good
+    """Scan M unlabeled sources and write the pre-training datalist (``unlabeled`` list with sample weights).
+
+    Whole-slide images among the sources' files (:func:`~monai_histodiff.data.slides.is_slide`: SVS, NDPI, tiled
+    TIFF, ...) are not read as tiles: each slide becomes its own source and group of tissue tiles planned by
+    :func:`~monai_histodiff.data.slides.slide_datalist` with the ``slides`` settings (``mpp``, ``tile_size``,
+    ``min_tissue``, ``tissue_threshold``, ``backend``, ``mpp_override``), streamed from the slide during training;
+    the tissue masks go to ``<output folder>/slide_masks/``. A slide that cannot be used is reported in
+    ``bad_files.json`` with its reason, like a bad tile, and the run goes on with the others.
+    """
+    from monai_histodiff.data.slides import SLIDE_EXTENSIONS, is_slide, slide_datalist
+
+    data = unlabeled_datalist(sources, weights, extensions=(*IMAGE_EXTENSIONS, *SLIDE_EXTENSIONS))
+    slide_files = [it["image"] for it in data["unlabeled"] if is_slide(it["image"])]
+    if slide_files:
+        data["unlabeled"] = [it for it in data["unlabeled"] if it["image"] not in set(slide_files)]
+        for name, info in data["sources"].items():
+            info["count"] -= sum(1 for f in slide_files if f.startswith(os.path.abspath(info["folder"]) + os.sep))
+        planned = slide_datalist(slide_files, mask_dir=Path(output).parent / "slide_masks",
+                                 weights="equal" if weights == "equal" else "size", **dict(slides or {}))
+        data["unlabeled"] += planned["unlabeled"]
+        data["sources"].update({f"slide:{k}": v for k, v in planned["sources"].items()})
+        data["slides"] = planned["settings"]
+    tiles = [it for it in data["unlabeled"] if "location" not in it]
+    if bad_files not in ("skip", "error"):
+        raise ValueError(f"policy must be 'skip' or 'error', got {bad_files!r}")
+    good, bad = scan_images(tiles, policy="skip", report_dir=None)
+    bad += planned["bad_slides"] if slide_files else []
+    data["unlabeled"] = good + [it for it in data["unlabeled"] if "location" in it]
     for b in bad:  # keep per-source counts true to what will be read
         for name, info in data["sources"].items():
-            if os.path.abspath(b["image"]).startswith(os.path.abspath(info["folder"]) + os.sep):
+            if not name.startswith("slide:") and os.path.abspath(b["image"]).startswith(
+                    os.path.abspath(info["folder"]) + os.sep):
                 info["count"] -= 1
+    if bad:
+        report = Path(output).parent / "bad_files.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(bad, indent=1), encoding="utf-8")
+        if bad_files == "error":
+            listing = "\n".join(f"  {b['image']}: {b['reason']}" for b in bad)
+            raise BadFilesError(f"{len(bad)} of {len(tiles) + len(slide_files)} files cannot be read as images or "
+                                f"slides (listed in {report}):\n{listing}")
     data["bad_files"] = bad
     write_datalist(data, output)
     return data

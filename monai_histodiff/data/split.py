@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_histodiff.data.datalist import DUPLICATE_GROUP_PREFIX, class_counts, write_datalist
+from monai_histodiff.data.datalist import DUPLICATE_GROUP_PREFIX, SLIDE_GROUP_PREFIX, class_counts, write_datalist
 
 __all__ = ["stratified_sample", "make_split", "write_split", "check_groups_disjoint", "check_outside_test", "group_key"]
 
@@ -36,13 +36,18 @@ def group_key(item: dict) -> tuple[str, str]:
 
 def _by_class(items: Sequence[dict], num_classes: int) -> list[list[list[dict]]]:
     """Per class, the groups (lists of items sorted by image), sorted by their first image: independent of input
-    order. A group whose tiles carry different labels is an error naming it."""
+    order. A group whose tiles carry different labels is an error naming it, except a slide's group
+    (:data:`~monai_histodiff.data.datalist.SLIDE_GROUP_PREFIX`): a slide holds regions of several tissues, and is drawn
+    whole with the class most of its tiles have (its other tiles ride along: per-class counts are then approximate)."""
     units: dict[tuple[str, str], list[dict]] = {}
     for it in sorted(items, key=lambda d: d["image"]):
         units.setdefault(group_key(it), []).append(it)
     per_class: list[list[list[dict]]] = [[] for _ in range(num_classes)]
     for (_, name), unit in units.items():
         labels = sorted({int(it["label"]) for it in unit})
+        if len(labels) > 1 and name.startswith(SLIDE_GROUP_PREFIX):
+            counts = [sum(1 for it in unit if int(it["label"]) == c) for c in labels]
+            labels = [labels[counts.index(max(counts))]]
         if len(labels) > 1:
             names = sorted({str(it.get("class", it["label"])) for it in unit})
             examples = ", ".join(f"{it['image']} ({it.get('class', it['label'])})" for it in unit[:4])

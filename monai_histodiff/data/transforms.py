@@ -116,8 +116,10 @@ def tile_transforms(
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     steps: list = []
-    if load:
-        steps.append(LoadImaged(keys, reader=tile_reader(reader), image_only=True, ensure_channel_first=True))
+    if load:  # a tile file, or a region of a slide (items planned by monai_histodiff.data.slides carry "location")
+        from monai_histodiff.data.slides import LoadTiled
+
+        steps.append(LoadTiled(keys, reader=tile_reader(reader)))
     steps += [
         ToRGBd(keys),
         Resized(keys, spatial_size=size, mode="area" if load else "bilinear"),

@@ -106,3 +106,29 @@ def test_torchrun_two_gloo_processes_identical_weights(pretrained, toy_unlabeled
     start = load_checkpoint(tmp_path / "pretrain_diffusion" / "diffusion.pt")["state"]["diffusion"]
     assert all(torch.equal(start[k], r0[k]) for k in r0)  # rank 0 wrote the checkpoint of the synchronised weights
     assert not list(cwd.iterdir())  # no rank writes in the working folder (e.g. a TensorBoard writer's default ./runs)
+
+
+def test_pretraining_on_a_folder_of_slides(wsi_dir, tmp_path):
+    """Stage 1 end to end on whole-slide images: the .svs is listed, its tissue tiles are streamed from the slide at
+    the configured resolution, each slide a source; the truncated slide beside it is reported and skipped."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "CMU-1-Small-Region.svs").symlink_to(wsi_dir / "CMU-1-Small-Region.svs")
+    (slides / "truncated.svs").write_bytes((wsi_dir / "CMU-1-Small-Region.svs").read_bytes()[:4096])
+    settings = {"mpp": 1.0, "tile_size": 64, "min_tissue": 0.5, "tissue_threshold": "otsu", "backend": "tiffslide",
+                "mpp_override": None}
+    run_bundle(["bundles/pretrain_autoencoder.json", *SMALL], dataset_dir=str(slides), output_dir=str(tmp_path),
+               slides=settings, max_epochs=1, epoch_length=2, batch_size=4, **FAST)
+    stage = tmp_path / "pretrain_autoencoder"
+    listing = json.loads((stage / "unlabeled.json").read_text())
+    assert listing["unlabeled"] and all("location" in it for it in listing["unlabeled"])
+    assert {it["source"] for it in listing["unlabeled"]} == {"CMU-1-Small-Region"}
+    assert [b["image"].endswith("truncated.svs") for b in json.loads((stage / "bad_files.json").read_text())] == [True]
+    assert (stage / "slide_masks" / "CMU-1-Small-Region_tissue.png").is_file()
+    ckpt = load_checkpoint(stage / "autoencoder.pt")
+    assert ckpt["engine"]["iteration"] == 2
+    run_bundle(["bundles/pretrain_diffusion.json", *SMALL], dataset_dir=str(slides), output_dir=str(tmp_path),
+               slides=settings, max_epochs=1, epoch_length=2, batch_size=4, warmup_steps=1, scale_factor_batches=2,
+               grid_inference_steps=2, num_grid_samples=2, **FAST)
+    meta = load_checkpoint(tmp_path / "pretrain_diffusion" / "diffusion.pt")["meta"]
+    assert np.isfinite(meta["scale_factor"])
