@@ -63,6 +63,7 @@ __all__ = [
     "extract_labeled_tiles",
     "LoadTiled",
     "is_slide",
+    "stain_normalize",
 ]
 
 #: file endings read as slides (by the default backend: Aperio SVS, generic and pyramidal TIFF, Hamamatsu NDPI,
@@ -291,9 +292,22 @@ def _cached_slide(path: str, backend: str) -> Any:
         return _OPEN[key]
 
 
+def stain_normalize(tile: np.ndarray) -> np.ndarray:
+    """Macenko stain normalisation of an ``[H, W, 3]`` uint8 tile to MONAI's reference H&E stain
+    (:class:`monai.apps.pathology.transforms.NormalizeHEStains`); a tile with too little stain to estimate its stain
+    vectors (nearly blank) is returned unchanged."""
+    from monai.apps.pathology.transforms import NormalizeHEStains
+
+    try:
+        return np.asarray(NormalizeHEStains()(np.ascontiguousarray(tile)), dtype=np.uint8)
+    except ValueError:  # all pixels below the absorbance threshold
+        return tile
+
+
 def read_tile(item: Mapping[str, Any], backend: str = "tiffslide") -> np.ndarray:
     """The ``[size, size, 3]`` uint8 RGB pixels of a planned tile (a :meth:`SlideTile.item` or a
-    :class:`SlideTile`), read from its level and resized with a box filter."""
+    :class:`SlideTile`), read from its level and resized with a box filter; stain-normalised when the item says
+    ``"stain_normalize": true``."""
     if isinstance(item, SlideTile):
         item = item.item()
     slide = _cached_slide(str(item["image"]), backend)
@@ -303,13 +317,14 @@ def read_tile(item: Mapping[str, Any], backend: str = "tiffslide") -> np.ndarray
     size = int(item["size"])
     if region.size != (size, size):
         region = region.resize((size, size), Image.BOX)
-    return np.asarray(region)
+    tile = np.asarray(region)
+    return stain_normalize(tile) if item.get("stain_normalize") else tile
 
 
 def slide_datalist(slides: Sequence[str] | str | os.PathLike, mpp: float = 0.5, tile_size: int = 224,
                    min_tissue: float = 0.5, tissue_threshold: float | str = "otsu", backend: str = "tiffslide",
                    mpp_override: float | Mapping[str, float] | None = None, mask_dir: str | os.PathLike | None = None,
-                   weights: str = "size") -> dict[str, Any]:
+                   weights: str = "size", stain_normalize: bool = False) -> dict[str, Any]:
     """Plan the tiles of many slides for pre-training (streamed: nothing is written but the mask pictures).
 
     Args:
@@ -317,6 +332,8 @@ def slide_datalist(slides: Sequence[str] | str | os.PathLike, mpp: float = 0.5, 
         mpp, tile_size, min_tissue, tissue_threshold, backend, mpp_override: see :func:`plan_tiles`.
         mask_dir: write ``<slide>_tissue.png`` there per slide.
         weights: ``"size"`` (every tile drawn equally often) or ``"equal"`` (every slide drawn equally often).
+        stain_normalize: Macenko-normalise every tile to one reference stain (:func:`stain_normalize`) when it is
+            read (streamed) or written (:func:`extract_tiles`); off by default.
 
     Returns:
         ``{"unlabeled": [items], "sources": {slide: {"folder", "count", "weight"}}, "bad_slides": [{"image",
@@ -337,11 +354,12 @@ def slide_datalist(slides: Sequence[str] | str | os.PathLike, mpp: float = 0.5, 
             continue
         name = Path(path).stem
         share = None if weights == "size" else 1.0
-        extra = {} if backend == "tiffslide" else {"slide_backend": backend}
+        extra = {**({} if backend == "tiffslide" else {"slide_backend": backend}),
+                 **({"stain_normalize": True} if stain_normalize else {})}
         items += [dict(t.item(), sample_weight=1.0 if share is None else share / len(tiles), **extra) for t in tiles]
         sources[name] = {"folder": path, "count": len(tiles), "weight": share}
     settings = {"mpp": mpp, "tile_size": tile_size, "min_tissue": min_tissue, "tissue_threshold": tissue_threshold,
-                "backend": backend}
+                "backend": backend, "stain_normalize": stain_normalize}
     if bad and mask_dir is not None:
         atomic_write(Path(mask_dir) / "bad_slides.json", lambda p: p.write_text(json.dumps(bad, indent=1)))
     return {"unlabeled": items, "sources": sources, "bad_slides": bad, "settings": settings}

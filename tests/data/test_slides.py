@@ -223,3 +223,17 @@ def test_unlabeled_sources_with_slides_tiles_and_a_broken_slide(wsi_dir, tmp_pat
     for it in data["unlabeled"]:
         mass[it["source"]] = mass.get(it["source"], 0.0) + it["sample_weight"]
     assert mass["CMU-1-Small-Region"] == pytest.approx(1.0) and mass["pyramid"] == pytest.approx(1.0)
+
+
+def test_stain_normalisation_is_off_by_default_and_moves_the_stain(wsi_dir):
+    svs = wsi_dir / "CMU-1-Small-Region.svs"
+    plain = slide_datalist([str(svs)], mpp=1.0, tile_size=64)["unlabeled"]
+    normed = slide_datalist([str(svs)], mpp=1.0, tile_size=64, stain_normalize=True)["unlabeled"]
+    assert "stain_normalize" not in plain[0] and normed[0]["stain_normalize"] is True
+    a, b = read_tile(plain[0]).astype(float), read_tile(normed[0]).astype(float)
+    assert a.shape == b.shape and np.abs(a - b).mean() > 3  # a different stain, the same tissue layout
+    assert np.corrcoef(a.mean(-1).ravel(), b.mean(-1).ravel())[0, 1] > 0.8
+    from monai_histodiff.data.slides import stain_normalize
+
+    blank = np.full((16, 16, 3), 245, np.uint8)
+    assert np.array_equal(stain_normalize(blank), blank)  # too little stain to estimate: unchanged
