@@ -68,6 +68,23 @@ __all__ = ["GUIDANCE_CHECK_OFFSET", "GuidedTileGenerator", "TileGenerator", "mer
 logger = logging.getLogger(__name__)
 
 
+def _guidance_ratio(trace: Sequence[Mapping[str, float]], parts: int = 4) -> list[dict[str, float]]:
+    """The guidance term's size over the model term's, averaged over the guided steps of each quarter of the
+    trajectory (from high noise to low): where guidance acts, and how strongly against what the model does."""
+    steps = [s for s in trace if s["guidance_norm"] > 0]
+    if not steps:
+        return []
+    ts = sorted({s["t"] for s in steps}, reverse=True)
+    out = []
+    for k in range(parts):
+        chunk = set(ts[k * len(ts) // parts:(k + 1) * len(ts) // parts])
+        rows = [s for s in steps if s["t"] in chunk]
+        if rows:
+            out.append({"t_max": max(chunk), "t_min": min(chunk), "ratio": sum(
+                s["guidance_norm"] / max(s["model_norm"], 1e-12) for s in rows) / len(rows)})
+    return out
+
+
 #: tile indices of :meth:`GuidedTileGenerator.guidance_check`: far above any pool's, so the check never reuses the
 #: noise of a tile it might write
 GUIDANCE_CHECK_OFFSET = 10**9
@@ -685,13 +702,13 @@ class GuidedTileGenerator(TileGenerator):
         start = time.perf_counter()
         pairs = [(c, GUIDANCE_CHECK_OFFSET + i) for c in range(len(self.class_names)) for i in range(per_class)]
         labels = torch.tensor([c for c, _ in pairs])
-        scale, result = self.guidance_scale, {}
+        scale, result, trace = self.guidance_scale, {}, []
         try:
             for name, g in (("unguided", 0.0), ("guided", scale)):
                 self.guidance_scale = g
                 images, probs = [], []
                 for i in range(0, len(pairs), self.batch_size):
-                    im, pr = self.generate_batch(pairs[i:i + self.batch_size])
+                    im, pr = self.generate_batch(pairs[i:i + self.batch_size], trace=trace if g else None)
                     images.append(im)
                     probs.append(pr)
                 entry: dict[str, Any] = {"guidance_scale": g, "latent_probability": float(torch.cat(probs).mean())}
@@ -711,6 +728,7 @@ class GuidedTileGenerator(TileGenerator):
         gain = result["guided"][key] - result["unguided"][key]
         report = {"per_class": per_class, "guidance_scale": scale, "steps": self.num_inference_steps,
                   "measure": key, **result, "gain": gain, "steers": gain >= min_gain, "min_gain": min_gain,
+                  "guidance_to_model": _guidance_ratio(trace),
                   "chance": 1.0 / len(self.class_names), "seconds": round(time.perf_counter() - start, 1)}
         path = path or os.path.join(self.output_dir, "guidance_check.json")
         atomic_write(path, lambda p: p.write_text(json.dumps(report, indent=1)))
@@ -725,7 +743,8 @@ class GuidedTileGenerator(TileGenerator):
 
     @torch.no_grad()
     def generate_batch(
-        self, pairs: Sequence[tuple[int, int]], sampler: Scheduler | None = None
+        self, pairs: Sequence[tuple[int, int]], sampler: Scheduler | None = None,
+        trace: list[dict[str, float]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Sample the tiles ``pairs`` (``(class_index, index)``) in one batch.
@@ -733,7 +752,8 @@ class GuidedTileGenerator(TileGenerator):
         Returns:
             the decoded tiles ``[B, 3, H, W]`` (on CPU, float32) and the classifier's softmax probability of each
             requested class at ``t = 0`` on the final latent, ``[B]`` (the latent the inferer returns, i.e. after its
-            crop to ``autoencoder_latent_shape`` when that is set).
+            crop to ``autoencoder_latent_shape`` when that is set). With ``trace``, the inferer appends each step's
+            model and guidance term sizes to it.
         """
         sampler = sampler if sampler is not None else self._sampler()
         generators = [self.tile_generator(c, i) for c, i in pairs]
@@ -758,6 +778,7 @@ class GuidedTileGenerator(TileGenerator):
                 return_latents=True,
                 amp=self.amp,
                 amp_dtype=self.amp_dtype,
+                **({} if trace is None else {"trace": trace}),
             )
         finally:
             sampler.sample_generators = None  # type: ignore[union-attr]

@@ -128,7 +128,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     Returns what :class:`~monai.engines.utils.DiffusionPrepareBatch` returns, ``(inputs, target, (), kwargs)`` with
     ``kwargs = {"noise": eps, "timesteps": t[, "condition": c]}`` and ``target = eps``, where
     ``inputs = scale_factor * z`` and ``z`` is one sample of the posterior per item and step (see
-    :func:`sample_latents`), so the noise is latent-shaped. Timesteps are uniform over ``0 .. T-1``.
+    :func:`sample_latents`), so the noise is latent-shaped. Timesteps are uniform over ``0 .. T-1``. With a
+    ``scheduler`` whose ``prediction_type`` is ``"v_prediction"`` the target is the velocity
+    ``sqrt(abar_t) eps - sqrt(1 - abar_t) z_0`` (as MONAI's ``VPredictionPrepareBatch``), with ``"sample"`` it is
+    ``z_0``: the network learns what the scheduler will read its output as.
 
     Example::
 
@@ -147,6 +150,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         autoencoder: first-stage model, needed only when batches hold images rather than cached posteriors.
         image_key: key of the images in image batches.
         condition_name: optional batch key passed to the inferer as ``condition`` (as in ``DiffusionPrepareBatch``).
+        scheduler: the training noise scheduler; its ``prediction_type`` sets the target (None: ``epsilon``).
     """
 
     def __init__(
@@ -156,11 +160,23 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         autoencoder: nn.Module | None = None,
         image_key: str = "image",
         condition_name: str | None = None,
+        scheduler: Any = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
         self.scale_factor = scale_factor
         self.autoencoder = autoencoder
         self.image_key = image_key
+        self.scheduler = scheduler
+        kind = getattr(scheduler, "prediction_type", "epsilon")
+        if kind not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {kind!r}")
+        self.prediction_type = kind
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output for ``z_t = add_noise(images, noise, timesteps)``."""
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        return images if self.prediction_type == "sample" else noise
 
     def get_latents(
         self, batchdata: Mapping[str, Any], device: str | torch.device | None, non_blocking: bool, **kwargs: Any

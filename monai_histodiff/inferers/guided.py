@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,7 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
         return_latents: bool = False,
         amp: bool = False,
         amp_dtype: torch.dtype | None = None,
+        trace: list[dict[str, float]] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
         Sample latents of the requested classes and decode them.
@@ -105,6 +107,10 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
             amp: run the diffusion model under ``torch.autocast`` on the input's device type; the guidance gradient
                 and the scheduler arithmetic stay float32.
             amp_dtype: autocast dtype; the device type's default when None.
+            trace: a list to which each step appends ``{"t", "model_norm", "guidance_norm"}``: the RMS of the term the
+                model contributes (DDIM: its noise estimate; DDPM: the posterior mean) and of the guidance term added
+                to it (``sqrt(1 - abar_t) g grad``, resp. ``g Sigma grad``; 0 on unguided steps), to see where and how
+                strongly guidance acts.
 
         Returns:
             the decoded images, or ``(images, latents)`` when ``return_latents``.
@@ -136,13 +142,17 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
 
             if isinstance(sampler, RespacedDDIMScheduler):
                 eps = sampler.predict_epsilon(model_output, t, latent)
-                if grad is not None:
-                    eps = eps - (1 - sampler.alpha_bar(t)) ** 0.5 * guidance_scale * grad
+                term = None if grad is None else (1 - sampler.alpha_bar(t)) ** 0.5 * guidance_scale * grad
+                self._trace(trace, t, eps, term)
+                if term is not None:
+                    eps = eps - term
                 latent, _ = sampler.step_with_epsilon(eps, t, latent, eta=eta, generator=generator)
             else:
                 mean, variance, _ = sampler.p_mean_variance(model_output, t, latent)
-                if grad is not None:
-                    mean = mean + guidance_scale * variance * grad  # Eq. 7
+                term = None if grad is None else guidance_scale * variance * grad
+                self._trace(trace, t, mean, term)
+                if term is not None:
+                    mean = mean + term  # Eq. 7
                 latent = sampler.sample_posterior(mean, variance, t, generator=generator)  # Eq. 8
 
         latent = latent.to(input_noise.dtype)
@@ -150,6 +160,14 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
             latent = torch.stack([self.autoencoder_resizer(i) for i in decollate_batch(latent)], 0)
         image: torch.Tensor = autoencoder_model.decode_stage_2_outputs(latent / self.scale_factor)
         return (image, latent) if return_latents else image
+
+    @staticmethod
+    def _trace(trace: list[dict[str, float]] | None, t: Any, model_term: torch.Tensor,
+               guidance_term: torch.Tensor | None) -> None:
+        if trace is not None:
+            trace.append({"t": int(t), "model_norm": float(model_term.float().pow(2).mean().sqrt()),
+                          "guidance_norm": 0.0 if guidance_term is None else float(
+                              guidance_term.float().pow(2).mean().sqrt())})
 
     @staticmethod
     def _in_window(timestep: int, window: tuple[int, int] | None) -> bool:

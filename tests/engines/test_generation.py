@@ -398,6 +398,9 @@ def test_guidance_check_measures_g0_against_g_before_the_pool(nets, tmp_path, ca
     assert report["guided"]["latent_probability"] > report["unguided"]["latent_probability"]
     assert report["measure"] == "aux_agreement" and sum(report["guided"]["aux_predicted_counts"].values()) == 8
     assert json.loads((out / "guidance_check.json").read_text())["gain"] == pytest.approx(report["gain"])
+    # the guidance term against the model's noise estimate, per quarter of the trajectory, high noise first
+    ratios = report["guidance_to_model"]
+    assert len(ratios) == 4 and ratios[0]["t_min"] > ratios[-1]["t_max"] and all(r["ratio"] > 0 for r in ratios)
     assert not list(out.glob("manifest*")) and not [p for p in out.iterdir() if p.is_dir()]
     # g = 0 at the stage: the two settings are the same samples, the gain is 0, and the stage warns
     with caplog.at_level("WARNING"):
@@ -405,4 +408,5 @@ def test_guidance_check_measures_g0_against_g_before_the_pool(nets, tmp_path, ca
             per_class=2, image_classifier=_ByMeanColour())
     assert flat["gain"] == 0.0 and not flat["steers"] and "guidance does nothing here" in caplog.text
     assert flat["guided"]["aux_agreement_per_class"] == flat["unguided"]["aux_agreement_per_class"]
+    assert flat["guidance_to_model"] == []
     assert _make(nets, tmp_path / "none", per_sample=False).guidance_check(per_class=0) == {}

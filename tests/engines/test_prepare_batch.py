@@ -70,6 +70,23 @@ def test_latent_diffusion_prepare_batch_both_paths(data):
     assert torch.count_nonzero(pb(cached)[0]) == 0
 
 
+def test_v_prediction_and_sample_targets(data):
+    """The target follows the scheduler's prediction_type: the velocity for v_prediction (checked against its
+    definition), z_0 for sample, eps by default; an unknown type is refused."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    _, _, _, cache = data
+    cached = next(iter(DataLoader(CachedLatentDataset(cache), batch_size=4)))
+    sched = DDPMScheduler(1000, prediction_type="v_prediction")
+    inputs, target, _, kwargs = LatentDiffusionPrepareBatch(1000, scale_factor=0.5, scheduler=sched)(cached)
+    abar = sched.alphas_cumprod[kwargs["timesteps"]].view(-1, 1, 1, 1)
+    assert torch.allclose(target, abar.sqrt() * kwargs["noise"] - (1 - abar).sqrt() * inputs, atol=1e-6)
+    x0 = LatentDiffusionPrepareBatch(1000, scheduler=DDPMScheduler(1000, prediction_type="sample"))(cached)
+    assert torch.equal(x0[1], x0[0])
+    with pytest.raises(ValueError, match="prediction_type"):
+        LatentDiffusionPrepareBatch(1000, scheduler=type("S", (), {"prediction_type": "flow"})())
+
+
 def test_cached_latents_match_encoder_distribution(data):
     ae, images, _, cache = data
     draws = 300  # one batch holding each image 300 times: 300 independent posterior samples per image

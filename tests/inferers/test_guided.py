@@ -304,3 +304,33 @@ def test_one_label_per_sample_is_required():
     inferer = ClassifierGuidedLatentDiffusionInferer(scheduler)
     with pytest.raises(ValueError, match="one label per sample"):
         inferer.sample(torch.randn(4, 2, 4, 4), IdentityAutoencoder(), nn.Identity(), nn.Identity(), torch.zeros(3))
+
+
+def test_trace_records_the_guidance_term_against_the_model_term():
+    """With ``trace``, every step's model term and guidance term sizes are recorded; g = 0 records a zero term."""
+    import torch
+    from monai.networks.schedulers import DDIMScheduler
+
+    from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
+
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(4)
+    inferer = ClassifierGuidedLatentDiffusionInferer(sched, scale_factor=1.0)
+
+    class Decoder(torch.nn.Module):
+        def decode_stage_2_outputs(self, z):
+            return z
+
+    def model(x, timesteps):
+        return 0.5 * x
+
+    def classifier(z, t):
+        return torch.stack([z.mean((1, 2, 3)), -z.mean((1, 2, 3))], 1)
+
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for g in (0.0, 2.0):
+        trace = []
+        inferer.sample(noise, Decoder(), model, classifier, torch.tensor([0, 1]), guidance_scale=g, verbose=False,
+                       trace=trace)
+        assert [s["t"] for s in trace] == sched.timesteps.tolist() and all(s["model_norm"] > 0 for s in trace)
+        assert all((s["guidance_norm"] > 0) == (g > 0) for s in trace)
