@@ -620,7 +620,8 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     _check_equal_budget(results)
     check = out / "generate" / "guidance_check.json"
     extra = {"pretraining": pretraining, "ceiling": ceiling,
-             "guidance_check": json.loads(check.read_text()) if check.is_file() else None, "latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
+             "guidance_check": json.loads(check.read_text()) if check.is_file() else None,
+             "latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
              **{_pool_key(g): v for g, v in pools.items() if g != "histodiffusion"}, "judge": judged,
              "selections": selections, "budget": {**budget, "steps": budget["max_epochs"] * budget["epoch_length"]},
              "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - start, 1),

@@ -143,6 +143,13 @@ def test_protocol_on_a_tiny_run(toy_labeled_site, tmp_path):
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["evaluated_on"]["part"] == "test"
     assert metrics["frechet"]["metric_name"] == "FD (judge)" and not metrics["frechet"]["is_fid"]
     assert (run_dir / "accuracy_vs_ratio.png").stat().st_size > 0
+    # the ceiling (judge on x, D(E(x)), D'(E(x)) of test tiles), the guidance check and the pre-training record
+    ceiling = report["ceiling"]
+    assert set(ceiling["accuracy"]) == {"x", "D(E(x))", "D'(E(x))"} and ceiling["part"] == "test"
+    assert ceiling["tiles"] == sum(min(100, n) for n in load_datalist(run_dir / "split.json")["counts"]["test"])
+    assert (run_dir / "ceiling.png").is_file() and "Ceiling (the judge on" in md
+    assert report["guidance_check"]["measure"] == "aux_agreement" and "Guidance check" in md
+    assert report["pretraining"]["setting"] == "unknown"  # checkpoints copied into the folder without a listing
 
 
 def test_downstream_training_never_reads_the_test_set(toy_labeled_site, tmp_path):

@@ -39,7 +39,13 @@ from monai_histodiff.data.slides import (
     read_geojson_regions,
     slide_datalist,
 )
-from monai_histodiff.data.split import check_groups_disjoint, check_outside_test, make_split, stratified_sample, write_split
+from monai_histodiff.data.split import (
+    check_groups_disjoint,
+    check_outside_test,
+    make_split,
+    stratified_sample,
+    write_split,
+)
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
 from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
 from monai_histodiff.data.unlabeled import (

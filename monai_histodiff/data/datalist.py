@@ -221,7 +221,8 @@ def items_digest(items: Iterable[dict], length: int = 12) -> str:
     names a cache after the exact data it holds."""
     h = hashlib.sha256()
     for it in sorted(items, key=lambda d: (d["image"], *d.get("location", ()))):
-        region = f"|{it['location']}|{it.get('level')}|{it.get('read_size')}|{it.get('size')}" if "location" in it else ""
+        region = (f"|{it['location']}|{it.get('level')}|{it.get('read_size')}|{it.get('size')}"
+                  if "location" in it else "")
         h.update(f"{os.path.abspath(it['image'])}|{it.get('label', '')}{region}\n".encode())
     return h.hexdigest()[:length]
 

@@ -122,6 +122,10 @@ def prepare_unlabeled(
         data["unlabeled"] = [it for it in data["unlabeled"] if it["image"] not in set(slide_files)]
         for name, info in data["sources"].items():
             info["count"] -= sum(1 for f in slide_files if f.startswith(os.path.abspath(info["folder"]) + os.sep))
+            if info["weight"] is not None and info["count"]:  # the source's share now spread over its tiles alone
+                for it in data["unlabeled"]:
+                    if it["source"] == name:
+                        it["sample_weight"] = info["weight"] / info["count"]
         planned = slide_datalist(slide_files, mask_dir=Path(output).parent / "slide_masks",
                                  weights="equal" if weights == "equal" else "size", **dict(slides or {}))
         data["unlabeled"] += planned["unlabeled"]

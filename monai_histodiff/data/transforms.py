@@ -19,7 +19,6 @@ from monai.data import ITKReader, PILReader
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     RandFlipd,
     RandRotate90d,

@@ -14,8 +14,8 @@ from typing import Any
 
 from monai_histodiff.data.datalist import IMAGE_EXTENSIONS, list_images
 
-__all__ = ["PRETRAINING_SETTINGS", "sources_in", "unlabeled_datalist", "site_unlabeled_datalist", "pretraining_datalist",
-           "format_source_counts", "source_counts"]
+__all__ = ["PRETRAINING_SETTINGS", "sources_in", "unlabeled_datalist", "site_unlabeled_datalist",
+           "pretraining_datalist", "format_source_counts", "source_counts"]
 
 #: What a site pre-trains on: ``sources`` (the paper's setting: public sources that exclude the target set), ``site``
 #: (the site's own unlabeled tiles, labels dropped, never a test group) or ``site+sources`` (both, with source weights).

@@ -51,6 +51,7 @@ from monai_histodiff.data.manifest import (
     tile_filename,
 )
 from monai_histodiff.data.transforms import to_uint8_image
+from monai_histodiff.data.validation import no_space_error
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer

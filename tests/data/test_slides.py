@@ -223,6 +223,7 @@ def test_unlabeled_sources_with_slides_tiles_and_a_broken_slide(wsi_dir, tmp_pat
     for it in data["unlabeled"]:
         mass[it["source"]] = mass.get(it["source"], 0.0) + it["sample_weight"]
     assert mass["CMU-1-Small-Region"] == pytest.approx(1.0) and mass["pyramid"] == pytest.approx(1.0)
+    assert mass["site"] == pytest.approx(1.0)  # the tile beside the slides keeps its source's whole share
 
 
 def test_stain_normalisation_is_off_by_default_and_moves_the_stain(wsi_dir):
