@@ -378,6 +378,25 @@ def test_disk_full_while_writing_a_tile_keeps_finished_tiles(nets, tmp_path, mon
     assert summary["generated"] == 4 and _tiles(out) == _tiles(reference) and len(_rows(out)) == 7
 
 
+def test_disk_full_while_writing_the_manifest_names_it(nets, tmp_path, monkeypatch):
+    """A manifest row that cannot be synced for lack of space stops the run with an error naming the manifest."""
+    import errno
+
+    out = str(tmp_path / "gen")
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("manifest.rank0.jsonl"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device") as e:
+        _make(nets, out, background_writer=False).run()
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and "manifest.rank0.jsonl" in str(e.value)
+
+
 class _ByMeanColour(nn.Module):
     """An 'auxiliary classifier' reading the tile: class 0 when its mean red is above its mean blue, else class 1."""
 
