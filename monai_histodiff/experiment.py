@@ -521,10 +521,14 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     elif diffusion:
         pretraining = _pretraining_listing(cfg, out, split)
         if not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
-            listing = f"$monai_histodiff.data.load_datalist('{pretraining['listing']}')['unlabeled']"
+            # one source folder: the stages list it themselves (bad-file scan, slides, equal source weights), the
+            # listing above checked the same files; otherwise the stages read the checked listing
+            unlabeled = {"dataset_dir": cfg.unlabeled_dir} if pretraining["setting"] == "sources" and isinstance(
+                cfg.unlabeled_dir, str) else {
+                "datalist": f"$monai_histodiff.data.load_datalist('{pretraining['listing']}')['unlabeled']"}
             if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
-                stages("pretrain_autoencoder", datalist=listing)
-            stages("pretrain_diffusion", datalist=listing)
+                stages("pretrain_autoencoder", **unlabeled)
+            stages("pretrain_diffusion", **unlabeled)
     else:
         pretraining = None
 
