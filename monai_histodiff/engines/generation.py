@@ -700,6 +700,17 @@ class GuidedTileGenerator(TileGenerator):
         """
         if per_class < 1 or self.rank != 0:
             return {}
+        path = path or os.path.join(self.output_dir, "guidance_check.json")
+        settings = {"per_class": per_class, "guidance_scale": self.guidance_scale, "steps": self.num_inference_steps,
+                    "seed": self.seed, "with_image_classifier": image_classifier is not None, **self._settings()}
+        if os.path.isfile(path):  # a resumed or topped-up run: the same check is not sampled again
+            try:
+                done = json.loads(open(path, encoding="utf-8").read())
+            except (OSError, json.JSONDecodeError):
+                done = {}
+            if done.get("settings") == json.loads(json.dumps(settings)):
+                logger.info("guidance check: reusing %s (same settings)", path)
+                return done
         start = time.perf_counter()
         pairs = [(c, GUIDANCE_CHECK_OFFSET + i) for c in range(len(self.class_names)) for i in range(per_class)]
         labels = torch.tensor([c for c, _ in pairs])
@@ -730,8 +741,8 @@ class GuidedTileGenerator(TileGenerator):
         report = {"per_class": per_class, "guidance_scale": scale, "steps": self.num_inference_steps,
                   "measure": key, **result, "gain": gain, "steers": gain >= min_gain, "min_gain": min_gain,
                   "guidance_to_model": _guidance_ratio(trace),
-                  "chance": 1.0 / len(self.class_names), "seconds": round(time.perf_counter() - start, 1)}
-        path = path or os.path.join(self.output_dir, "guidance_check.json")
+                  "chance": 1.0 / len(self.class_names), "seconds": round(time.perf_counter() - start, 1),
+                  "settings": settings}
         atomic_write(path, lambda p: p.write_text(json.dumps(report, indent=1)))
         logger.info("guidance check (%d tiles per class, %s): g=0 %.3f, g=%g %.3f (chance %.3f) -> %s", per_class,
                     key, result["unguided"][key], scale, result["guided"][key], report["chance"], path)

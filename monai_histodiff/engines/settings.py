@@ -110,11 +110,13 @@ SETTING_RULES: dict[str, SettingRule] = {
     "grid_interval": _count(),
     "sample_interval": _count(),
     "num_grid_samples": _count(),
+    "num_check_samples": _count(low=0, note="0: no end-of-training check of the unconditional samples"),
     "grid_inference_steps": _count(),
     "num_buckets": _count(),
     # optimisation
     "lr": _positive(),
     "weight_decay": _non_negative(),
+    "color_jitter": _fraction(note="per-channel scale and shift of the augmentation; 0: none"),
     "warmup_steps": _count(low=0),
     "ema_momentum": _fraction(low_open=True, note="1 - the EMA decay"),
     "scale_factor_batches": _count(),
@@ -130,6 +132,7 @@ SETTING_RULES: dict[str, SettingRule] = {
     "guidance_scale": _non_negative(note="0: no guidance"),
     "guidance_interval": _count(note="1: the guidance gradient at every guided step (the paper's)"),
     "eta": _fraction(note="0: DDIM, 1: DDPM-like noise"),
+    "guidance_check_per_class": _count(low=0, note="0: no guidance check before the pool"),
     # the StyleGAN2 baseline (bundles/train_stylegan2.json, bundles/generate_stylegan2.json)
     "z_dim": _count(),
     "w_dim": _count(),

@@ -429,3 +429,9 @@ def test_guidance_check_measures_g0_against_g_before_the_pool(nets, tmp_path, ca
     assert flat["guided"]["aux_agreement_per_class"] == flat["unguided"]["aux_agreement_per_class"]
     assert flat["guidance_to_model"] == []
     assert _make(nets, tmp_path / "none", per_sample=False).guidance_check(per_class=0) == {}
+    # a resumed run reuses the check when nothing changed, and samples it again when the scale did
+    again = _make(nets, out, per_sample=False, guidance_scale=200.0)
+    again.generate_batch = None  # any sampling would fail
+    assert again.guidance_check(per_class=4, image_classifier=_ByMeanColour())["gain"] == pytest.approx(report["gain"])
+    changed = _make(nets, out, per_sample=False, guidance_scale=100.0).guidance_check(per_class=4)
+    assert changed["guidance_scale"] == 100.0 and changed["measure"] == "latent_probability"
