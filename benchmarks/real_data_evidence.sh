@@ -29,7 +29,8 @@ SMALL="['bundles/common.json','bundles/pretrain_autoencoder.json','bundles/small
 echo "[evidence] autoencoder after $(( $(date +%s) - START )) s"
 [ -f "$OUT/pretrain_diffusion/diffusion.pt" ] || $PY -m monai.bundle run \
     --config_file "['bundles/common.json','bundles/pretrain_diffusion.json','bundles/small.json']" --output_dir "$OUT" \
-    --datalist "$DATALIST" --max_epochs 300 --warmup_steps 50 --sample_interval 20 --grid_inference_steps 25
+    --datalist "$DATALIST" --max_epochs 300 --warmup_steps 50 --sample_interval 20 --grid_inference_steps 25 \
+    --scheduler_args#prediction_type epsilon  # as run on 2026-12-02 (small.json has set v-prediction since)
 echo "[evidence] diffusion after $(( $(date +%s) - START )) s"
 COMMON=(--output_dir "$OUT" --dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600
         --seeds 0 1 2 --generation_steps 50)
@@ -48,5 +49,6 @@ $PY -m monai_histodiff experiment "${COMMON[@]}" --ablation no_pretrain --ratios
     --set pretrain_autoencoder.max_epochs=47 --set pretrain_autoencoder.adv_start=250 \
     --set pretrain_autoencoder.adv_weight=0.05 --set pretrain_diffusion.max_epochs=300 \
     --set pretrain_diffusion.warmup_steps=50 --set pretrain_diffusion.sample_interval=200 \
+    --set "pretrain_diffusion.scheduler_args#prediction_type=epsilon" \
     --set pretrain_diffusion.grid_inference_steps=25
 echo "[evidence] ablation no_pretrain after $(( $(date +%s) - START )) s"
