@@ -119,7 +119,8 @@ def prepare_unlabeled(
     data = unlabeled_datalist(sources, weights, extensions=(*IMAGE_EXTENSIONS, *SLIDE_EXTENSIONS))
     slide_files = [it["image"] for it in data["unlabeled"] if is_slide(it["image"])]
     if slide_files:
-        data["unlabeled"] = [it for it in data["unlabeled"] if it["image"] not in set(slide_files)]
+        is_planned = set(slide_files)
+        data["unlabeled"] = [it for it in data["unlabeled"] if it["image"] not in is_planned]
         for name, info in data["sources"].items():
             info["count"] -= sum(1 for f in slide_files if f.startswith(os.path.abspath(info["folder"]) + os.sep))
             if info["weight"] is not None and info["count"]:  # the source's share now spread over its tiles alone

@@ -41,7 +41,7 @@ from monai.utils import optional_import
 from PIL import Image
 
 from monai_histodiff.data.atomic import atomic_write
-from monai_histodiff.data.datalist import SLIDE_GROUP_PREFIX
+from monai_histodiff.data.datalist import SLIDE_GROUP_PREFIX, list_images
 
 __all__ = [
     "SLIDE_EXTENSIONS",
@@ -104,11 +104,8 @@ class SlideTile:
 
 
 def list_slides(folder: str | os.PathLike, extensions: Sequence[str] = SLIDE_EXTENSIONS) -> list[str]:
-    """Every slide file under ``folder`` (recursive, sorted)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"slide folder not found: {folder}")
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    """Every slide file under ``folder`` (recursive, sorted; :func:`~monai_histodiff.data.datalist.list_images`)."""
+    return list_images(folder, recursive=True, extensions=extensions)
 
 
 def is_slide(path: str | os.PathLike) -> bool:

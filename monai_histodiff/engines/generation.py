@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -687,8 +688,9 @@ class GuidedTileGenerator(TileGenerator):
         stage's g from the same noise, read by the site's auxiliary image classifier phi (the share it assigns to the
         requested class) and by the latent classifier (its mean probability of the requested class at t = 0).
 
-        The check's tiles use indices from :data:`GUIDANCE_CHECK_OFFSET` on, so their noise is never a pool tile's.
-        A gain of phi's agreement under ``min_gain`` is logged as a warning that guidance does nothing here (a pool
+        The check's tiles use indices from :data:`GUIDANCE_CHECK_OFFSET` on, so their noise is never a pool tile's;
+        a check already in ``path`` with the same settings and checkpoints is reused (a resumed or topped-up run does
+        not sample it again). A gain of phi's agreement under ``min_gain`` is logged as a warning that guidance does nothing here (a pool
         of thousands of tiles would then be unconditional samples with class names). Rank 0 only; nothing is
         written to the manifest.
 
@@ -701,11 +703,11 @@ class GuidedTileGenerator(TileGenerator):
         if per_class < 1 or self.rank != 0:
             return {}
         path = path or os.path.join(self.output_dir, "guidance_check.json")
-        settings = {"per_class": per_class, "guidance_scale": self.guidance_scale, "steps": self.num_inference_steps,
-                    "seed": self.seed, "with_image_classifier": image_classifier is not None, **self._settings()}
+        settings = {"per_class": per_class, "seed": self.seed, "with_image_classifier": image_classifier is not None,
+                    **self._settings()}
         if os.path.isfile(path):  # a resumed or topped-up run: the same check is not sampled again
             try:
-                done = json.loads(open(path, encoding="utf-8").read())
+                done = json.loads(Path(path).read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 done = {}
             if done.get("settings") == json.loads(json.dumps(settings)):
