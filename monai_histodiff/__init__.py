@@ -10,6 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from monai_histodiff.errors import install_excepthook  # noqa: E402
+
+install_excepthook()  # a bundle run's last line is the project's own error message (monai_histodiff.errors)
+
 from monai_histodiff.data.transforms import tile_transforms  # noqa: E402
 from monai_histodiff.handlers.selection import CentroidSelectionHandler  # noqa: E402
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer  # noqa: E402

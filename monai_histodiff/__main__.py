@@ -8,6 +8,7 @@ data, download datasets, and run the whole pipeline.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -104,7 +105,9 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         pool_factor=a.pool_factor, max_pool_factor=a.max_pool_factor, balance=a.balance,
         min_confidence=a.min_confidence, min_latent_margin=a.min_latent_margin, judge=not a.no_judge,
         sweep_scales=a.sweep_scales, sweep_steps=a.sweep_steps, sweep_per_class=a.sweep_per_class,
-        generators=("histodiffusion", "stylegan2") if a.generator == "both" else (a.generator,),
+        generators=tuple(dict.fromkeys(g for name in a.generator for g in (
+            ("histodiffusion", "stylegan2") if name == "both" else (name,)))),
+        cfg_scale=a.cfg_scale, sweep_cfg_scales=a.sweep_cfg_scales,
         pretraining=a.pretraining, site_weight=a.site_weight, stage_overrides=_parse_settings(a.set),
     )
     run_experiment(cfg)
@@ -277,9 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep_scales", type=float, nargs="*", default=[], help="guidance scales the judge measures")
     e.add_argument("--sweep_steps", type=int, nargs="*", default=[], help="DDIM step counts the judge measures")
     e.add_argument("--sweep_per_class", type=int, default=16, help="tiles per class per sweep setting")
-    e.add_argument("--generator", choices=["histodiffusion", "stylegan2", "both"], default="histodiffusion",
-                   help="whose synthetic tiles the rows add: HistoDiffusion's, the class-conditional StyleGAN2 "
-                        "baseline's (bundles/train_stylegan2.json, trained on the same split), or both side by side")
+    e.add_argument("--generator", nargs="+", choices=["histodiffusion", "stylegan2", "conditional", "both"],
+                   default=["histodiffusion"],
+                   help="whose synthetic tiles the rows add, one or more: HistoDiffusion's (classifier guidance, the "
+                        "paper's), the class-conditional StyleGAN2 baseline's (bundles/train_stylegan2.json, trained "
+                        "on the same split), 'conditional' (the pre-trained diffusion model fine-tuned with the class "
+                        "as a condition, bundles/finetune_conditional.json, sampled with classifier-free guidance); "
+                        "'both': histodiffusion and stylegan2")
+    e.add_argument("--cfg_scale", type=float, default=None,
+                   help="classifier-free guidance w of the 'conditional' generator (default: the generate bundle's)")
+    e.add_argument("--sweep_cfg_scales", type=float, nargs="*", default=[],
+                   help="classifier-free guidance scales the judge measures (the 'conditional' generator)")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="per-stage bundle override, repeatable (e.g. --set train_latent_classifier.lr=1e-3)")
     e.set_defaults(func=_cmd_experiment)
@@ -349,7 +360,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:  # a stage or the runner stopped: its own message is the last line (errors.py)
+        from monai_histodiff.errors import DEBUG_ENV, PREFIX, summary_line
+        from monai_histodiff.experiment import ExperimentError
+        from monai_histodiff.pipeline import StageError
+
+        if os.environ.get(DEBUG_ENV) or not isinstance(e, (StageError, ExperimentError, FileNotFoundError,
+                                                             ValueError)):
+            raise
+        message = str(e)
+        last = message.splitlines()[-1]
+        print(message if last.startswith(PREFIX) else message + "\n" + summary_line(e, args.command, "command"),
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

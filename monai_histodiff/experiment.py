@@ -62,12 +62,15 @@ __all__ = [
 
 METRICS = ("fd", "accuracy", "macro_f1", "macro_sensitivity", "macro_specificity")
 STAGES = ("pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
-          "generate", "train_stylegan2", "generate_stylegan2", "select", "train_downstream", "evaluate", "judge")
+          "finetune_conditional", "generate", "train_stylegan2", "generate_stylegan2", "select", "train_downstream", "evaluate", "judge")
 #: the generators a run can compare: name -> (label in the table, generation stage, pool folder, row-folder prefix)
 GENERATORS = {
     "histodiffusion": ("HistoDiffusion", "generate", "generate", ""),
     "stylegan2": ("StyleGAN2", "generate_stylegan2", "generate_stylegan2", "stylegan2_"),
+    "conditional": ("Conditional fine-tune (CFG)", "generate", "generate_conditional", "conditional_"),
 }
+#: the generators that sample the pre-trained diffusion model (and so need pre-training and the adaptation stages)
+DIFFUSION_GENERATORS = ("histodiffusion", "conditional")
 
 
 class ExperimentError(RuntimeError):
@@ -98,7 +101,12 @@ class ExperimentConfig:
         sweep_scales, sweep_steps, sweep_per_class: guidance scales x DDIM steps measured by the judge (tiles per
             class each); empty: no sweep.
         generators: the synthetic-tile generators whose rows the table gets (:data:`GENERATORS`): HistoDiffusion,
-            the class-conditional StyleGAN2 baseline, or both.
+            the class-conditional StyleGAN2 baseline, the pre-trained diffusion model fine-tuned with the class as a
+            condition and sampled with classifier-free guidance (``conditional``: stage ``finetune_conditional``,
+            its own rows and wall time, never in place of the paper's method), in any combination.
+        cfg_scale: classifier-free guidance ``w`` of the ``conditional`` generator (None: the generate bundle's).
+        sweep_cfg_scales: classifier-free guidance scales of the ``conditional`` generator measured by the judge
+            (at each of ``sweep_steps``); empty: no such sweep.
         pretraining: what the autoencoder and the diffusion model are pre-trained on when the folder has no
             checkpoints (:data:`~monai_histodiff.data.unlabeled.PRETRAINING_SETTINGS`): ``"sources"`` (the paper's
             setting, ``unlabeled_dir``, which must exclude the target set), ``"site"`` (the site's own tiles outside
@@ -137,6 +145,8 @@ class ExperimentConfig:
     sweep_steps: Sequence[int] = ()
     sweep_per_class: int = 16
     generators: Sequence[str] = ("histodiffusion",)
+    cfg_scale: float | None = None
+    sweep_cfg_scales: Sequence[float] = ()
     pretraining: str = "sources"
     site_weight: float = 0.5
     stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -187,6 +197,8 @@ class ExperimentConfig:
             check_settings("experiment (--seeds)", seed=seed)
         for scale in self.sweep_scales:
             check_settings("experiment (--sweep_scales)", guidance_scale=scale)
+        for scale in [*self.sweep_cfg_scales, *([self.cfg_scale] if self.cfg_scale is not None else [])]:
+            check_settings("experiment (--cfg_scale, --sweep_cfg_scales)", cfg_scale=scale)
         for steps in self.sweep_steps:
             check_settings("experiment (--sweep_steps)", num_inference_steps=steps)
         checked = set(SETTING_RULES) | {"counts", "guidance_window"}
@@ -442,6 +454,20 @@ def _pretraining_listing(cfg: ExperimentConfig, out: Path, split: dict[str, Any]
             "tiles": len(listing["unlabeled"]), "sources": listing.get("sources", {})}
 
 
+def _conditional_unlabeled(cfg: ExperimentConfig, unlabeled: dict[str, Any]) -> dict[str, Any]:
+    """The ``finetune_conditional`` overrides naming its null-class tiles: the run's pre-training listing, else
+    ``cfg.unlabeled_dir``, else none (labeled tiles only, with a warning)."""
+    if "dataset_dir" in unlabeled:
+        return {"unlabeled_dir": unlabeled["dataset_dir"]}
+    if unlabeled:
+        return unlabeled
+    if isinstance(cfg.unlabeled_dir, str):
+        return {"unlabeled_dir": cfg.unlabeled_dir}
+    print("[experiment] WARNING: finetune_conditional: no pre-training listing and no single unlabeled_dir; the "
+          "conditional model is fine-tuned on the labeled tiles alone (null class: dropped labels only)", flush=True)
+    return {"datalist": "$[]"}
+
+
 def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list[Row], classes: list[str],
                    real_counts: list[int], generation: dict[str, Any], generator: str = "histodiffusion"
                    ) -> dict[str, Any]:
@@ -512,20 +538,22 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                "label_fraction": cfg.label_fraction, "label_per_class": cfg.label_per_class,
                "split_file": (out / "split.json").as_posix()}
 
-    diffusion = "histodiffusion" in cfg.generators
+    diffusion = any(g in DIFFUSION_GENERATORS for g in cfg.generators)
 
     # stage 1: pre-trained checkpoints (reused when present)
+    unlabeled: dict[str, Any] = {}
     if cfg.ablation == "no_pretrain":
         _pretrain_on_training_split(out, stages)
         pretraining = {"setting": "no_pretrain (the labeled training tiles)"}
     elif diffusion:
         pretraining = _pretraining_listing(cfg, out, split)
+        # one source folder: the stages list it themselves (bad-file scan, slides, equal source weights), the
+        # listing above checked the same files; otherwise the stages read the checked listing
+        if pretraining["setting"] == "sources" and isinstance(cfg.unlabeled_dir, str):
+            unlabeled = {"dataset_dir": cfg.unlabeled_dir}
+        elif "listing" in pretraining:
+            unlabeled = {"datalist": f"$monai_histodiff.data.load_datalist('{pretraining['listing']}')['unlabeled']"}
         if not (out / "pretrain_diffusion" / "diffusion.pt").is_file():
-            # one source folder: the stages list it themselves (bad-file scan, slides, equal source weights), the
-            # listing above checked the same files; otherwise the stages read the checked listing
-            unlabeled = {"dataset_dir": cfg.unlabeled_dir} if pretraining["setting"] == "sources" and isinstance(
-                cfg.unlabeled_dir, str) else {
-                "datalist": f"$monai_histodiff.data.load_datalist('{pretraining['listing']}')['unlabeled']"}
             if not (out / "pretrain_autoencoder" / "autoencoder.pt").is_file():
                 stages("pretrain_autoencoder", **unlabeled)
             stages("pretrain_diffusion", **unlabeled)
@@ -540,11 +568,16 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                        ("train_latent_classifier", "train_latent_classifier/latent_classifier.pt")]
     if "stylegan2" in cfg.generators:
         adaptation.append(("train_stylegan2", "train_stylegan2/stylegan2.pt"))
+    if "conditional" in cfg.generators:
+        adaptation.append(("finetune_conditional", "finetune_conditional/diffusion_conditional.pt"))
     for stage, artifact in adaptation:
         if stage == "finetune" and cfg.ablation == "no_finetune":
             continue
         if not (out / artifact).is_file():
-            stages(stage, **labeled)
+            if stage == "finetune_conditional":  # the site's unlabeled tiles (the pre-training listing): null class
+                stages(stage, **labeled, **_conditional_unlabeled(cfg, unlabeled))
+            else:
+                stages(stage, **labeled)
     latent = check_latent_classifier(out / "train_latent_classifier", len(classes),
                                      cfg.min_latent_margin) if diffusion else None
     judge_ckpt = _judge_ckpt(cfg, main, stages)
@@ -556,16 +589,22 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     rows = experiment_rows(cfg.ratios, cfg.random_ratio, cfg.generators)
     generation = {"use_finetuned_decoder": cfg.ablation != "no_finetune", "num_inference_steps": cfg.generation_steps,
                   "guidance_scale": cfg.guidance_scale, **labeled}
+    # classifier-free guidance alone (no classifier guidance) for the conditional generator
+    conditional = {**generation, "use_conditional": True, "cfg_scale": cfg.cfg_scale, "guidance_scale": 0.0}
+    overrides = {"histodiffusion": generation, "conditional": conditional}
     pools: dict[str, dict[str, Any]] = {}
     judged: dict[str, Any] = {}
     for generator in cfg.generators if len(rows) > 1 else ():
         pools[generator] = _generate_pool(cfg, out, stages, rows, classes, real_counts,
-                                          generation if generator == "histodiffusion" else labeled, generator)
+                                          overrides.get(generator, labeled), generator)
         judged[_pool_key(generator)] = _judge(judge_ckpt, out, out / GENERATORS[generator][2], None,
                                               _pool_key(generator))
     pool = pools.get("histodiffusion", {})
-    if diffusion and cfg.sweep_scales and cfg.sweep_steps:
+    if "histodiffusion" in cfg.generators and cfg.sweep_scales and cfg.sweep_steps:
         judged["sweep"] = guidance_sweep(cfg, out, stages, judge_ckpt, classes, generation)
+    if "conditional" in cfg.generators and cfg.sweep_cfg_scales and cfg.sweep_steps:
+        judged["sweep_conditional"] = guidance_sweep(cfg, out, stages, judge_ckpt, classes, conditional,
+                                                     key="cfg_scale")
 
     # stage 4: per row, select; per row and seed, downstream training with the same step budget, then evaluation
     batch = cfg.stage_overrides.get("train_downstream", {}).get("batch_size") or stage_hparam(
@@ -623,8 +662,11 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                             **{k: metrics[k] for k in METRICS[1:]}})
     _check_equal_budget(results)
     check = out / "generate" / "guidance_check.json"
+    check_conditional = out / GENERATORS["conditional"][2] / "guidance_check.json"
     extra = {"pretraining": pretraining, "ceiling": ceiling,
              "guidance_check": json.loads(check.read_text()) if check.is_file() else None,
+             "guidance_check_conditional": json.loads(check_conditional.read_text()) if "conditional" in
+             cfg.generators and check_conditional.is_file() else None,
              "latent_classifier": latent, "aux_classifier": _aux_accuracy(out), "pool": pool,
              **{_pool_key(g): v for g, v in pools.items() if g != "histodiffusion"}, "judge": judged,
              "selections": selections, "budget": {**budget, "steps": budget["max_epochs"] * budget["epoch_length"]},
@@ -674,22 +716,27 @@ def _image_size(out: Path) -> int:
 
 
 def guidance_sweep(cfg: ExperimentConfig, out: Path, stages: _Stages, judge_ckpt: Path | None, classes: list[str],
-                   generation: dict[str, Any]) -> list[dict[str, Any]]:
-    """Conditional accuracy (judged) of ``sweep_per_class`` tiles per class at each guidance scale and step count."""
+                   generation: dict[str, Any], key: str = "guidance_scale") -> list[dict[str, Any]]:
+    """Conditional accuracy (judged) of ``sweep_per_class`` tiles per class at each guidance scale and step count.
+
+    ``key`` is the scale swept: ``guidance_scale`` (classifier guidance, :attr:`ExperimentConfig.sweep_scales`) or
+    ``cfg_scale`` (classifier-free guidance of the conditional generator, ``sweep_cfg_scales``)."""
     if judge_ckpt is None:
         raise ExperimentError("the guidance sweep needs the judge (judge=True)")
+    scales, prefix = (cfg.sweep_cfg_scales, "w") if key == "cfg_scale" else (cfg.sweep_scales, "g")
     table = []
     for steps in cfg.sweep_steps:
-        for g in cfg.sweep_scales:
-            sdir = out / "sweep" / f"g{g:g}_steps{steps}"
+        for g in scales:
+            name = f"{prefix}{g:g}_steps{steps}"
+            sdir = out / "sweep" / name
             t0 = time.time()
-            stages("generate", log_name=f"sweep_g{g:g}_steps{steps}", synthetic_dir=sdir.as_posix(),
+            stages("generate", log_name=f"sweep_{name}", synthetic_dir=sdir.as_posix(),
                    counts=[cfg.sweep_per_class] * len(classes),
-                   **{**generation, "guidance_scale": g, "num_inference_steps": steps})
+                   **{**generation, key: g, "num_inference_steps": steps})
             seconds = time.time() - t0
-            judged = _judge(judge_ckpt, out, sdir, None, f"sweep_g{g:g}_steps{steps}")
+            judged = _judge(judge_ckpt, out, sdir, None, f"sweep_{name}")
             acc = judged["conditional_accuracy"]
-            table.append({"guidance_scale": g, "steps": steps, "seconds": round(seconds, 1),
+            table.append({key: g, "steps": steps, "seconds": round(seconds, 1),
                           "conditional_accuracy": acc["accuracy"],
                           "per_class": {c: v["accuracy"] for c, v in acc["per_class"].items()},
                           "fd": judged["frechet"].get("overall"),
@@ -847,11 +894,16 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
         sources = ", ".join(f"{name} {info.get('count')}" for name, info in (pre.get("sources") or {}).items())
         lines += ["", f"Pre-training data: {pre.get('setting')}" + (f" ({pre.get('tiles')} tiles: {sources})"
                                                                    if sources else "") + "."]
-    check = report.get("guidance_check")
-    if check:
+    for name, what in (("guidance_check", "Guidance check"),
+                       ("guidance_check_conditional", "Classifier-free guidance check (conditional fine-tune)")):
+        check = report.get(name)
+        if not check:
+            continue
         key = check["measure"]
-        lines += ["", f"Guidance check ({check['per_class']} tiles per class, {key}): g = 0 "
-                      f"{check['unguided'][key]:.3f}, g = {check['guidance_scale']:g} {check['guided'][key]:.3f} "
+        scale = "w" if check.get("cfg_scale") is not None else "g"
+        value = check["cfg_scale"] if scale == "w" else check["guidance_scale"]
+        lines += ["", f"{what} ({check['per_class']} tiles per class, {key}): {scale} = 0 "
+                      f"{check['unguided'][key]:.3f}, {scale} = {value:g} {check['guided'][key]:.3f} "
                       f"(chance {check['chance']:.3f}): " + ("guidance steers." if check["steers"] else
                                                              "**guidance does nothing here**.")]
     ceiling = report.get("ceiling")

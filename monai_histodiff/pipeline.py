@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_histodiff.bundle_configs import config_files
+from monai_histodiff.errors import PREFIX
 
 __all__ = ["bundle_command", "override_value", "run_stage", "StageError"]
 
@@ -77,8 +78,10 @@ def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_
         code = proc.wait()
     seconds = time.time() - start
     if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        raise StageError(f"stage '{tag}' failed (exit {code}) after {seconds:.0f} s; log: {log_path}\n  "
-                         + "\n  ".join(tail))
+        lines = log_path.read_text(errors="replace").splitlines()
+        summary = [ln for ln in lines if ln.startswith(PREFIX)]  # the stage's own one-line error (errors.py)
+        tail = [ln for ln in lines[-15:] if not ln.startswith(PREFIX)]
+        raise StageError(f"stage '{tag}' failed (exit {code}) after {seconds:.0f} s; full log: {log_path}; its "
+                         f"last lines:\n  " + "\n  ".join(tail) + ("\n" + summary[-1] if summary else ""))
     print(f"[{tag}] done in {seconds:.0f} s (log: {log_path})", flush=True)
     return seconds

@@ -91,8 +91,67 @@ def corrupt_dir(tmp_path) -> Path:
     return tmp_path
 
 
-# the pipeline fixtures (pre-trained and adapted small checkpoints) serve top-level tests such as test_experiment.py
-from tests.bundles.conftest import pretrained, toy_labeled_site, toy_unlabeled  # noqa: E402,F401
+# the pipeline fixtures: small checkpoints pre-trained and adapted by running the bundles as users do. Defined here
+# only (not in tests/bundles/conftest.py too), so each is built once per session for every test that uses it.
+from tests.bundles.conftest import FAST, SMALL, run_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_unlabeled(tmp_path_factory) -> Path:
+    """Two toy 'sources' of 64 px tiles standing in for unlabeled collections."""
+    from monai_histodiff.data.toy import make_toy_dataset
+
+    root = tmp_path_factory.mktemp("toy_unlabeled")
+    for i, name in enumerate(("source_a", "source_b")):
+        make_toy_dataset(root / name, num_per_class=10, image_size=64, num_classes=4, seed=10 + i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, toy_unlabeled) -> Path:
+    """Output folder holding a briefly pre-trained autoencoder and diffusion model at the small size."""
+    out = tmp_path_factory.mktemp("pretrained")
+    run_bundle(["bundles/pretrain_autoencoder.json", *SMALL], dataset_dir=str(toy_unlabeled), output_dir=str(out),
+               max_epochs=1, epoch_length=30, batch_size=8, lr=2e-3, adv_start=25, **FAST)
+    run_bundle(["bundles/pretrain_diffusion.json", *SMALL], dataset_dir=str(toy_unlabeled), output_dir=str(out),
+               max_epochs=1, epoch_length=3, batch_size=4, lr=1e-3, warmup_steps=2, scale_factor_batches=3,
+               grid_inference_steps=3, num_grid_samples=4, **FAST)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_real(tmp_path_factory, unlabeled_dir) -> Path:
+    """An autoencoder briefly pre-trained on the real unlabeled H&E tiles (and a diffusion checkpoint on it, for the
+    scale factor and noise schedule the adaptation stages read): latents that carry tissue structure."""
+    out = tmp_path_factory.mktemp("pretrained_real")
+    run_bundle(["bundles/pretrain_autoencoder.json", *SMALL], dataset_dir=str(unlabeled_dir), output_dir=str(out),
+               max_epochs=1, epoch_length=60, batch_size=8, **FAST)
+    run_bundle(["bundles/pretrain_diffusion.json", *SMALL], dataset_dir=str(unlabeled_dir), output_dir=str(out),
+               max_epochs=1, epoch_length=2, batch_size=4, warmup_steps=2, scale_factor_batches=3,
+               grid_inference_steps=2, num_grid_samples=2, **FAST)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_labeled_site(tmp_path_factory, pretrained) -> Path:
+    """A site folder adapted to toy labeled tiles: split, auxiliary classifier, fine-tuned decoder, latent classifier."""
+    import shutil
+
+    from monai_histodiff.data.toy import make_toy_dataset
+
+    site = tmp_path_factory.mktemp("site")
+    data = site / "labeled"
+    make_toy_dataset(data, num_per_class=16, image_size=64, num_classes=4, seed=5)
+    for stage, name in (("pretrain_autoencoder", "autoencoder.pt"), ("pretrain_diffusion", "diffusion.pt")):
+        (site / stage).mkdir()
+        shutil.copy(pretrained / stage / name, site / stage / name)
+    common = dict(dataset_dir=str(data), output_dir=str(site), label_per_class=8, val_fraction=0.25, lr=2e-3, **FAST)
+    run_bundle(["bundles/train_aux_classifier.json", *SMALL], max_epochs=4, batch_size=8, **common)
+    run_bundle(["bundles/finetune.json", *SMALL], max_epochs=1, batch_size=6, **common)
+    run_bundle(["bundles/train_latent_classifier.json", *SMALL], max_epochs=5, val_interval=5, batch_size=8,
+               **common)
+    return site
+
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from monai_histodiff.data import load_datalist, write_datalist
 from monai_histodiff.experiment import (
@@ -235,6 +236,37 @@ def test_stylegan2_rows_and_a_rerun_that_reuses_every_row(toy_labeled_site, tmp_
     assert set(rerun) <= {"generate_stylegan2", "select"} and "train_downstream" not in rerun, rerun
     assert all(json.loads(line)["log"].startswith(("generate_stylegan2_round", "stylegan2_pool_check"))
                for line in (run_dir / "commands.jsonl").read_text().splitlines()[first:])
+
+
+def test_conditional_fine_tune_rows_with_classifier_free_guidance(toy_labeled_site, toy_unlabeled, tmp_path):
+    """The second route (issue 21): the pre-trained model fine-tuned with the class as a condition, its own pool,
+    rows, guidance check, sweep over w and wall time, under the same protocol and judge."""
+    run_dir = tmp_path / "exp"
+    shutil.copytree(toy_labeled_site, run_dir, ignore=shutil.ignore_patterns("generate*", "select*", "rows"))
+    tiny = {"max_epochs": 1, "epoch_length": 3, "batch_size": 4, "warmup_steps": 1, "grid_inference_steps": 2,
+            "num_grid_per_class": 1, "num_workers": 0}
+    cfg = ExperimentConfig(output_dir=str(run_dir), dataset_dir=str(run_dir / "labeled"),
+                           unlabeled_dir=str(toy_unlabeled), seeds=(0,), ratios=(0.5,), random_ratio=None,
+                           downstream_steps=4, downstream_epochs=1, generation_steps=3, judge_epochs=1, judge_steps=4,
+                           min_latent_margin=-1.0, pool_factor=1.0, max_pool_factor=1.0, generators=("conditional",),
+                           cfg_scale=3.0, sweep_cfg_scales=(0.0, 3.0), sweep_steps=(2,), sweep_per_class=1,
+                           stage_overrides={"finetune_conditional": tiny})
+    results = run_experiment(cfg)
+    assert [r["row"] for r in results] == ["Baseline (real only)", "Conditional fine-tune (CFG) + selective 50%"]
+    report = json.loads((run_dir / "experiment_report.json").read_text())
+    assert report["pool_conditional"]["rounds"] and report["pool"] == {}
+    assert report["judge"]["pool_conditional"]["conditional_accuracy"]["count"] > 0
+    assert [(s["cfg_scale"], s["steps"]) for s in report["judge"]["sweep_conditional"]] == [(0.0, 2), (3.0, 2)]
+    assert report["stage_seconds"]["finetune_conditional"] > 0  # its own wall time, reported
+    check = report["guidance_check_conditional"]
+    assert check["cfg_scale"] == 3.0 and check["guidance_scale"] == 0.0
+    assert "Classifier-free guidance check" in (run_dir / "results.md").read_text()
+    rows = [json.loads(line) for line in (run_dir / "generate_conditional" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["cfg_scale"] for r in rows} == {3.0} and {r["guidance_scale"] for r in rows} == {0.0}
+    assert (run_dir / "real_vs_synthetic_conditional.png").is_file()
+    # the unlabeled tiles (the run's unlabeled_dir, as pre-training would read it) carry the null class
+    meta = torch.load(run_dir / "finetune_conditional" / "diffusion_conditional.pt", weights_only=True)["meta"]
+    assert meta["config"]["unlabeled_tiles"] == 80
 
 
 def test_pool_record_counts_the_tiles_a_rerun_finds(tmp_path):

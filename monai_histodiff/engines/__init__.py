@@ -15,6 +15,7 @@ from monai_histodiff.engines.latent_cache import (  # noqa: E402
     get_or_create_latent_cache,
 )
 from monai_histodiff.engines.prepare_batch import (  # noqa: E402
+    ClassConditionalPrepareBatch,
     LatentDiffusionPrepareBatch,
     NoisyLatentClassificationPrepareBatch,
     resolve_scale_factor,
@@ -31,6 +32,7 @@ __all__ += [
     "encode_posteriors",
     "get_or_create_latent_cache",
     "LatentDiffusionPrepareBatch",
+    "ClassConditionalPrepareBatch",
     "NoisyLatentClassificationPrepareBatch",
     "resolve_scale_factor",
     "sample_latents",
@@ -78,6 +80,7 @@ from monai_histodiff.engines.loading import (  # noqa: E402
     scheduler_from_meta,
 )
 from monai_histodiff.engines.sampling import (  # noqa: E402
+    ClassConditionalSampler,
     ReconstructionComparison,
     UnconditionalSampler,
     optimize_for_inference,
@@ -119,6 +122,7 @@ __all__ += [
     "load_tile_classifier",
     "scheduler_from_meta",
     "UnconditionalSampler",
+    "ClassConditionalSampler",
     "ReconstructionComparison",
     "optimize_for_inference",
 ]
@@ -141,6 +145,20 @@ from monai_histodiff.engines.generation import GuidedTileGenerator, merge_manife
 
 __all__ += ["GuidedTileGenerator", "merge_manifests", "tile_seed"]
 # --- end guided tile generation ---
+
+# --- class-conditional fine-tuning for classifier-free guidance (bundles/finetune_conditional.json) ---
+from monai_histodiff.engines.conditional import (  # noqa: E402
+    CONDITIONAL_STAGE,
+    conditional_from_pretrained,
+    conditional_latent_cache,
+    check_conditional,
+    conditional_meta,
+    labeled_share_weights,
+)
+
+__all__ += ["CONDITIONAL_STAGE", "conditional_from_pretrained", "conditional_latent_cache", "conditional_meta",
+            "check_conditional", "labeled_share_weights"]
+# --- end class-conditional fine-tuning ---
 
 # --- stage settings: numeric ranges checked before a stage does any work ---
 from monai_histodiff.engines.settings import (  # noqa: E402

@@ -561,7 +561,8 @@ class GuidedTileGenerator(TileGenerator):
     Args:
         inferer: the guided inferer (holds ``scale_factor``).
         autoencoder: first-stage model whose decoder is the fine-tuned ``D'``.
-        diffusion_model: the unconditional latent diffusion model.
+        diffusion_model: the unconditional latent diffusion model, or a class-conditional one (stage
+            ``finetune_conditional``) with ``cfg_scale`` and ``null_class``.
         classifier: time-conditioned latent classifier ``classifier(z_t, timesteps) -> logits``.
         scheduler: DDPM or DDIM scheduler (MONAI's or respaced); ``set_timesteps(num_inference_steps)`` is called
             on it.
@@ -589,6 +590,10 @@ class GuidedTileGenerator(TileGenerator):
         grid_size: number of tiles in each class's sample grid (0: no grids).
         background_writer: write each batch's tiles and manifest rows in a background thread while the next batch
             is sampled (see :class:`TileGenerator`).
+        cfg_scale: classifier-free guidance scale ``w`` of a class-conditional ``diffusion_model`` (0: its null
+            class, 1: the class as is); None for an unconditional model. Combines with ``guidance_scale`` (set it
+            to 0 for classifier-free guidance alone). The guidance check's unguided half uses ``w = 0`` and ``g = 0``.
+        null_class: the conditional model's null class index.
     """
 
     stage = "generate"
@@ -622,6 +627,8 @@ class GuidedTileGenerator(TileGenerator):
         progress: bool = True,
         grid_size: int = 16,
         background_writer: bool = True,
+        cfg_scale: float | None = None,
+        null_class: int | None = None,
     ) -> None:
         super().__init__(
             class_names=class_names,
@@ -659,10 +666,16 @@ class GuidedTileGenerator(TileGenerator):
             amp_dtype = named
         self.amp_dtype = amp_dtype
         self.classifier_batch_size = classifier_batch_size
+        if cfg_scale is not None and null_class is None:
+            raise ValueError("cfg_scale is set but the diffusion model has no null class: classifier-free guidance "
+                             "needs a class-conditional model (stage finetune_conditional).")
+        self.cfg_scale = None if cfg_scale is None else float(cfg_scale)
+        self.null_class = null_class
 
     def _settings(self) -> dict[str, Any]:
         return {
             "guidance_scale": self.guidance_scale,
+            **({} if self.cfg_scale is None else {"cfg_scale": self.cfg_scale}),
             "guidance_window": None if self.guidance_window is None else list(self.guidance_window),
             "guidance_interval": self.guidance_interval,
             "steps": self.num_inference_steps,
@@ -716,16 +729,19 @@ class GuidedTileGenerator(TileGenerator):
         start = time.perf_counter()
         pairs = [(c, GUIDANCE_CHECK_OFFSET + i) for c in range(len(self.class_names)) for i in range(per_class)]
         labels = torch.tensor([c for c, _ in pairs])
-        scale, result, trace = self.guidance_scale, {}, []
+        scale, cfg, result, trace = self.guidance_scale, self.cfg_scale, {}, []
         try:
             for name, g in (("unguided", 0.0), ("guided", scale)):
                 self.guidance_scale = g
+                if cfg is not None:  # unguided: the conditional model's null class (w = 0)
+                    self.cfg_scale = cfg if name == "guided" else 0.0
                 images, probs = [], []
                 for i in range(0, len(pairs), self.batch_size):
                     im, pr = self.generate_batch(pairs[i:i + self.batch_size], trace=trace if g else None)
                     images.append(im)
                     probs.append(pr)
-                entry: dict[str, Any] = {"guidance_scale": g, "latent_probability": float(torch.cat(probs).mean())}
+                entry: dict[str, Any] = {"guidance_scale": g, "latent_probability": float(torch.cat(probs).mean()),
+                                         **({} if cfg is None else {"cfg_scale": self.cfg_scale})}
                 if image_classifier is not None:
                     with torch.no_grad():
                         pred = torch.cat([image_classifier(im.to(self.device)).argmax(1).cpu() for im in images])
@@ -737,22 +753,24 @@ class GuidedTileGenerator(TileGenerator):
                         n: int((pred == c).sum()) for c, n in enumerate(self.class_names)}
                 result[name] = entry
         finally:
-            self.guidance_scale = scale
+            self.guidance_scale, self.cfg_scale = scale, cfg
         key = "aux_agreement" if image_classifier is not None else "latent_probability"
         gain = result["guided"][key] - result["unguided"][key]
-        report = {"per_class": per_class, "guidance_scale": scale, "steps": self.num_inference_steps,
+        report = {"per_class": per_class, "guidance_scale": scale, "cfg_scale": cfg, "steps": self.num_inference_steps,
                   "measure": key, **result, "gain": gain, "steers": gain >= min_gain, "min_gain": min_gain,
                   "guidance_to_model": _guidance_ratio(trace),
                   "chance": 1.0 / len(self.class_names), "seconds": round(time.perf_counter() - start, 1),
                   "settings": settings}
         atomic_write(path, lambda p: p.write_text(json.dumps(report, indent=1)))
-        logger.info("guidance check (%d tiles per class, %s): g=0 %.3f, g=%g %.3f (chance %.3f) -> %s", per_class,
-                    key, result["unguided"][key], scale, result["guided"][key], report["chance"], path)
+        setting = f"g={scale:g}" + ("" if cfg is None else f", w={cfg:g}")
+        logger.info("guidance check (%d tiles per class, %s): unguided %.3f, %s %.3f (chance %.3f) -> %s", per_class,
+                    key, result["unguided"][key], setting, result["guided"][key], report["chance"], path)
         if not report["steers"]:
-            logger.warning("guidance does nothing here: at g=%g the %s is %.3f against %.3f unguided (gain %+.3f < "
-                           "%.2f; %s). The pool would be unconditional samples labelled with classes: check the latent "
-                           "classifier's accuracy per noise bucket, or raise guidance_scale.", scale, key,
-                           result["guided"][key], result["unguided"][key], gain, min_gain, path)
+            advice = ("fine-tune the conditional model longer or raise cfg_scale" if cfg is not None else
+                      "check the latent classifier's accuracy per noise bucket, or raise guidance_scale")
+            logger.warning("guidance does nothing here: at %s the %s is %.3f against %.3f unguided (gain %+.3f < "
+                           "%.2f; %s). The pool would be unconditional samples labelled with classes: %s.", setting,
+                           key, result["guided"][key], result["unguided"][key], gain, min_gain, path, advice)
         return report
 
     @torch.no_grad()
@@ -792,6 +810,8 @@ class GuidedTileGenerator(TileGenerator):
                 return_latents=True,
                 amp=self.amp,
                 amp_dtype=self.amp_dtype,
+                cfg_scale=self.cfg_scale,
+                null_class=self.null_class,
                 **({} if trace is None else {"trace": trace}),
             )
         finally:

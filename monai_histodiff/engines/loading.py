@@ -67,12 +67,27 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     the diffusion model is checked to have been trained on that autoencoder's latents. Loading EMA weights warns when
     the EMA still holds over 10% of its random initialisation (``meta["ema"]``, or estimated for older checkpoints).
     """
-    ckpt = load_checkpoint(path, stage="pretrain_diffusion", reader="load_diffusion")
+    ckpt = _diffusion_checkpoint(path, "load_diffusion")
     if autoencoder_path is not None:
         verify_parent(ckpt, "autoencoder", autoencoder_path)
     model = _load_weights(DiffusionModelUNet(**ckpt["meta"]["config"]["diffusion_args"]), ckpt, "diffusion", path,
                           use_ema)
     return model.to(device).eval(), ckpt["meta"]
+
+
+#: stages whose checkpoints hold a diffusion UNet: the unconditional pre-trained one and its class-conditional
+#: fine-tuning (stage ``finetune_conditional``, sampled with classifier-free guidance)
+DIFFUSION_STAGES = ("pretrain_diffusion", "finetune_conditional")
+
+
+def _diffusion_checkpoint(path: str | os.PathLike, reader: str) -> dict[str, Any]:
+    """A checkpoint of one of :data:`DIFFUSION_STAGES`, with an error naming the file and the stage otherwise."""
+    ckpt = load_checkpoint(path, reader=reader, remedy=f"delete it and rerun the stage that writes it ("
+                                                       f"{' or '.join(DIFFUSION_STAGES)})")
+    if ckpt["meta"].get("stage") not in DIFFUSION_STAGES:
+        raise ValueError(f"{path} was written by stage '{ckpt['meta'].get('stage')}', expected a diffusion model ("
+                         f"{' or '.join(DIFFUSION_STAGES)})")
+    return ckpt
 
 
 def _load_weights(model: torch.nn.Module, ckpt: dict[str, Any], name: str, path: str | os.PathLike,
@@ -100,7 +115,7 @@ def _check_trained_size(trained: Any, image_size: int, path: str | os.PathLike, 
 def diffusion_meta(path: str | os.PathLike, autoencoder_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The ``meta`` of a diffusion checkpoint (scale factor, scheduler settings, latent shape) without building the
     UNet; checked against ``autoencoder_path`` when given."""
-    ckpt = load_checkpoint(path, stage="pretrain_diffusion", reader="diffusion_meta")
+    ckpt = _diffusion_checkpoint(path, "diffusion_meta")
     if autoencoder_path is not None:
         verify_parent(ckpt, "autoencoder", autoencoder_path)
     return ckpt["meta"]

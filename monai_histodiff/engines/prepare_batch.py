@@ -12,6 +12,8 @@
 
 - :class:`LatentDiffusionPrepareBatch`: stage 1, the unconditional latent diffusion model, with MONAI's
   :class:`~monai.inferers.DiffusionInferer` (the latents are made here, so the inferer need not encode).
+- :class:`ClassConditionalPrepareBatch`: the same with the class as a condition (stage ``finetune_conditional``,
+  the classifier-free guidance route), with :class:`~monai_histodiff.inferers.ClassConditionalDiffusionInferer`.
 - :class:`NoisyLatentClassificationPrepareBatch`: stage 2, the time-dependent latent classifier
   ``phi(z_t, t)`` trained with cross-entropy on noisy latents (HistoDiffusion Eq. 6).
 
@@ -40,6 +42,7 @@ __all__ = [
     "sample_latents",
     "scaled_latents",
     "LatentDiffusionPrepareBatch",
+    "ClassConditionalPrepareBatch",
     "NoisyLatentClassificationPrepareBatch",
 ]
 
@@ -197,6 +200,61 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         if self.condition_name is not None:
             inner[self.condition_name] = batchdata[self.condition_name]
         return super().__call__(inner, device, non_blocking, **kwargs)
+
+
+class ClassConditionalPrepareBatch(LatentDiffusionPrepareBatch):
+    """
+    ``prepare_batch`` for fine-tuning a class-conditional latent diffusion model for classifier-free guidance
+    (Ho & Salimans 2022), with :class:`~monai_histodiff.inferers.ClassConditionalDiffusionInferer`.
+
+    As :class:`LatentDiffusionPrepareBatch`, plus ``kwargs["class_labels"]``: each item's class from ``label_key``,
+    where items without a class (the site's unlabeled tiles) carry ``null_class``, and each labeled item's class is
+    replaced by ``null_class`` with probability ``p_uncond`` (the unconditional model is learnt beside the
+    conditional one, which classifier-free guidance needs).
+
+    Args:
+        num_train_timesteps, scale_factor, autoencoder, image_key, scheduler: as :class:`LatentDiffusionPrepareBatch`.
+        null_class: the "no class" index (the number of classes).
+        p_uncond: probability of dropping a labeled item's class.
+        label_key: key of the class indices in the batch (``null_class`` for unlabeled items).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int,
+        null_class: int,
+        p_uncond: float = 0.1,
+        scale_factor: ScaleFactor = 1.0,
+        autoencoder: nn.Module | None = None,
+        image_key: str = "image",
+        scheduler: Any = None,
+        label_key: str = "label",
+    ) -> None:
+        super().__init__(num_train_timesteps, scale_factor=scale_factor, autoencoder=autoencoder, image_key=image_key,
+                         scheduler=scheduler)
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        self.null_class = int(null_class)
+        self.p_uncond = float(p_uncond)
+        self.label_key = label_key
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        if self.label_key not in batchdata:
+            raise KeyError(f"batch has no classes under {self.label_key!r}; keys: {sorted(map(str, batchdata))}")
+        inputs, target, args, kw = super().__call__(batchdata, device, non_blocking, **kwargs)
+        labels = torch.as_tensor(batchdata[self.label_key]).reshape(-1).long().to(device=inputs.device)
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_class):
+            raise ValueError(f"class indices must be in [0, {self.null_class}] (null class {self.null_class}), got "
+                             f"{labels.min().item()}..{labels.max().item()}")
+        drop = torch.rand(labels.shape, device=labels.device) < self.p_uncond
+        kw["class_labels"] = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return inputs, target, args, kw
 
 
 class NoisyLatentClassificationPrepareBatch(PrepareBatch):

@@ -1,4 +1,5 @@
-"""Unconditional sample grids during diffusion pre-training (what the pre-trained model generates, unguided)."""
+"""Sample grids during diffusion training: unconditional during pre-training (what the pre-trained model generates,
+unguided), one row per class during the class-conditional fine-tuning."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.prepare_batch import resolve_scale_factor
 
-__all__ = ["UnconditionalSampler", "ReconstructionComparison", "optimize_for_inference"]
+__all__ = ["UnconditionalSampler", "ClassConditionalSampler", "ReconstructionComparison", "optimize_for_inference"]
 
 
 class UnconditionalSampler:
@@ -62,6 +63,49 @@ class UnconditionalSampler:
         latents = DiffusionInferer(self.scheduler).sample(noise.to(self.device), model, verbose=False)
         model.train(was_training)
         return latents.float().cpu()
+
+
+class ClassConditionalSampler(UnconditionalSampler):
+    """Callable drawing ``num_per_class`` tiles of each class from the current (or EMA) class-conditional diffusion
+    model with classifier-free guidance ``cfg_scale`` (DDIM, fixed noise; the same noise for every class, so a grid's
+    columns show what the class changes). Returns ``[num_classes * num_per_class, 3, H, W]`` in class order.
+
+    Args:
+        num_classes: the site's classes (the model's null class is ``num_classes``).
+        num_per_class: tiles per class.
+        cfg_scale: classifier-free guidance scale ``w``.
+        others: as :class:`UnconditionalSampler`.
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, diffusion_model: torch.nn.Module | Callable[[], torch.nn.Module],
+                 scheduler_args: dict, scale_factor: float | Callable, latent_shape: Sequence[int], num_classes: int,
+                 num_per_class: int = 4, cfg_scale: float = 1.0, num_inference_steps: int = 50,
+                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+        super().__init__(autoencoder, diffusion_model, scheduler_args, scale_factor, latent_shape,
+                         num_samples=num_classes * num_per_class, num_inference_steps=num_inference_steps,
+                         device=device, seed=seed)
+        self.num_classes = int(num_classes)
+        self.num_per_class = int(num_per_class)
+        self.cfg_scale = float(cfg_scale)
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
+
+        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
+        model = unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        inferer = ClassifierGuidedLatentDiffusionInferer(self.scheduler,
+                                                         scale_factor=resolve_scale_factor(self.scale_factor))
+        noise = torch.randn((self.num_per_class, *self.latent_shape), generator=torch.Generator().manual_seed(self.seed))
+        noise = noise.repeat(self.num_classes, *([1] * len(self.latent_shape)))
+        labels = torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
+        images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, classifier=None,
+                                labels=labels.to(self.device), guidance_scale=0.0, verbose=False,
+                                cfg_scale=self.cfg_scale, null_class=self.num_classes)
+        model.train(was_training)
+        return images.float().clamp(-1, 1)
 
 
 class ReconstructionComparison:

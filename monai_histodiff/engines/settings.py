@@ -133,6 +133,9 @@ SETTING_RULES: dict[str, SettingRule] = {
     "guidance_interval": _count(note="1: the guidance gradient at every guided step (the paper's)"),
     "eta": _fraction(note="0: DDIM, 1: DDPM-like noise"),
     "guidance_check_per_class": _count(low=0, note="0: no guidance check before the pool"),
+    "cfg_scale": _non_negative(optional=True, note="classifier-free guidance w; 0: the null class, 1: the class as is"),
+    "p_uncond": _fraction(note="share of labeled draws trained as the null class"),
+    "labeled_share": _fraction(low_open=True, note="share of draws that are labeled tiles"),
     # the StyleGAN2 baseline (bundles/train_stylegan2.json, bundles/generate_stylegan2.json)
     "z_dim": _count(),
     "w_dim": _count(),

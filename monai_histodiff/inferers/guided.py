@@ -23,6 +23,7 @@ from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import Scheduler
 from monai.utils import optional_import
 
+from monai_histodiff.inferers.class_conditional import class_conditional_output
 from monai_histodiff.schedulers.respaced import RespacedDDIMScheduler, respace_scheduler
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -43,6 +44,9 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
     it has after ``set_timesteps``). With ``n == T`` steps and ``guidance_scale=0`` the result equals MONAI's own
     ``LatentDiffusionInferer.sample``.
 
+    A class-conditional diffusion model (stage ``finetune_conditional``) is sampled with classifier-free guidance
+    (``cfg_scale``, ``null_class``), alone (``guidance_scale=0``, no classifier needed) or with classifier guidance.
+
     Training (``__call__``) is inherited unchanged from ``LatentDiffusionInferer``.
 
     Args:
@@ -59,7 +63,7 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
         input_noise: torch.Tensor,
         autoencoder_model: torch.nn.Module,
         diffusion_model: Callable[..., torch.Tensor],
-        classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         labels: torch.Tensor,
         scheduler: Scheduler | None = None,
         guidance_scale: float = 1.0,
@@ -73,6 +77,8 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
         amp: bool = False,
         amp_dtype: torch.dtype | None = None,
         trace: list[dict[str, float]] | None = None,
+        cfg_scale: float | None = None,
+        null_class: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
         Sample latents of the requested classes and decode them.
@@ -90,7 +96,7 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
             autoencoder_model: first-stage model exposing ``decode_stage_2_outputs`` (e.g. MONAI ``AutoencoderKL``).
             diffusion_model: ``diffusion_model(x, timesteps=...) -> output`` of the scheduler's ``prediction_type``.
             classifier: noisy-latent classifier, ``classifier(z_t, timesteps) -> logits [B, num_classes]``, with
-                ``timesteps`` a LongTensor ``[B]``.
+                ``timesteps`` a LongTensor ``[B]``; may be None when ``guidance_scale`` is 0.
             labels: target class of each sample, LongTensor ``[B]``.
             scheduler: DDPM or DDIM scheduler, after ``set_timesteps``; ``self.scheduler`` when None.
             guidance_scale: ``g``; 0 gives unguided sampling (the classifier is then never called).
@@ -111,6 +117,11 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
                 model contributes (DDIM: its noise estimate; DDPM: the posterior mean) and of the guidance term added
                 to it (``sqrt(1 - abar_t) g grad``, resp. ``g Sigma grad``; 0 on unguided steps), to see where and how
                 strongly guidance acts.
+            cfg_scale: for a class-conditional diffusion model (``diffusion_model(x, timesteps=..., class_labels=...)``,
+                e.g. fine-tuned by stage ``finetune_conditional``): the classifier-free guidance scale ``w`` applied
+                to its output for ``labels`` (:func:`~monai_histodiff.inferers.class_conditional_output`) before
+                the classifier guidance above, if any; None: the model is unconditional.
+            null_class: the conditional model's "no class" index (needed with ``cfg_scale``).
 
         Returns:
             the decoded images, or ``(images, latents)`` when ``return_latents``.
@@ -121,6 +132,10 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
             raise ValueError(f"`classifier_batch_size` must be positive, got {classifier_batch_size}.")
         if isinstance(guidance_interval, bool) or not isinstance(guidance_interval, int) or guidance_interval < 1:
             raise ValueError(f"`guidance_interval` must be an integer >= 1, got {guidance_interval!r}.")
+        if classifier is None and guidance_scale != 0:
+            raise ValueError("classifier guidance (`guidance_scale` != 0) needs the noisy-latent `classifier`.")
+        if cfg_scale is not None and null_class is None:
+            raise ValueError("classifier-free guidance (`cfg_scale`) needs the model's `null_class`.")
         sampler = respace_scheduler(scheduler if scheduler is not None else self.scheduler)
         labels = labels.to(device=input_noise.device, dtype=torch.long)
 
@@ -131,7 +146,11 @@ class ClassifierGuidedLatentDiffusionInferer(LatentDiffusionInferer):
         for t in progress:
             t_batch = torch.full((latent.shape[0],), int(t), device=latent.device, dtype=torch.long)
             with torch.autocast(device_type=latent.device.type, dtype=amp_dtype, enabled=amp):
-                model_output = diffusion_model(latent, timesteps=t_batch)
+                if cfg_scale is None:
+                    model_output = diffusion_model(latent, timesteps=t_batch)
+                else:
+                    model_output = class_conditional_output(diffusion_model, latent, t_batch, labels, null_class,
+                                                            cfg_scale)
             model_output = model_output.float()
 
             grad = None
