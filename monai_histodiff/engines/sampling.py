@@ -3,7 +3,8 @@ unguided), one row per class during the class-conditional fine-tuning."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from monai.inferers import DiffusionInferer, LatentDiffusionInferer
@@ -12,7 +13,20 @@ from monai.networks.schedulers import DDIMScheduler
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.prepare_batch import resolve_scale_factor
 
-__all__ = ["UnconditionalSampler", "ClassConditionalSampler", "ReconstructionComparison", "optimize_for_inference"]
+__all__ = ["evaluating", "UnconditionalSampler", "ClassConditionalSampler", "ReconstructionComparison",
+           "optimize_for_inference"]
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the block, back in the mode it was in afterwards (a sample grid in the middle of
+    training must not leave the network in eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class UnconditionalSampler:
@@ -38,30 +52,31 @@ class UnconditionalSampler:
         self.device = torch.device(device)
         self.seed = seed
 
+    def model(self) -> torch.nn.Module:
+        """The network to sample, unwrapped: ``diffusion_model`` itself or, given as a callable, what it returns
+        (the EMA model of the moment)."""
+        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
+        return unwrap_model(model)
+
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
-        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
-        model = unwrap_model(model)
-        was_training = model.training
-        model.eval()
-        inferer = LatentDiffusionInferer(self.scheduler, scale_factor=resolve_scale_factor(self.scale_factor))
-        noise = torch.randn((self.num_samples, *self.latent_shape), generator=torch.Generator().manual_seed(self.seed))
-        images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, verbose=False)
-        model.train(was_training)
+        model = self.model()
+        with evaluating(model):
+            inferer = LatentDiffusionInferer(self.scheduler, scale_factor=resolve_scale_factor(self.scale_factor))
+            noise = torch.randn((self.num_samples, *self.latent_shape),
+                                generator=torch.Generator().manual_seed(self.seed))
+            images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, verbose=False)
         return images.float().clamp(-1, 1)
 
     @torch.no_grad()
     def latents(self, num_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
         """``num_samples`` latents sampled from noise, undecoded, in the diffusion model's scaled space (what the
         model learnt: ``scale_factor * z``), for comparing with the training latents."""
-        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
-        model = unwrap_model(model)
-        was_training = model.training
-        model.eval()
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        noise = torch.randn((num_samples or self.num_samples, *self.latent_shape), generator=generator)
-        latents = DiffusionInferer(self.scheduler).sample(noise.to(self.device), model, verbose=False)
-        model.train(was_training)
+        model = self.model()
+        with evaluating(model):
+            generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+            noise = torch.randn((num_samples or self.num_samples, *self.latent_shape), generator=generator)
+            latents = DiffusionInferer(self.scheduler).sample(noise.to(self.device), model, verbose=False)
         return latents.float().cpu()
 
 
@@ -92,19 +107,16 @@ class ClassConditionalSampler(UnconditionalSampler):
     def __call__(self) -> torch.Tensor:
         from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
 
-        model = self.diffusion_model if isinstance(self.diffusion_model, torch.nn.Module) else self.diffusion_model()
-        model = unwrap_model(model)
-        was_training = model.training
-        model.eval()
+        model = self.model()
         inferer = ClassifierGuidedLatentDiffusionInferer(self.scheduler,
                                                          scale_factor=resolve_scale_factor(self.scale_factor))
         noise = torch.randn((self.num_per_class, *self.latent_shape), generator=torch.Generator().manual_seed(self.seed))
         noise = noise.repeat(self.num_classes, *([1] * len(self.latent_shape)))
         labels = torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
-        images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, classifier=None,
-                                labels=labels.to(self.device), guidance_scale=0.0, verbose=False,
-                                cfg_scale=self.cfg_scale, null_class=self.num_classes)
-        model.train(was_training)
+        with evaluating(model):
+            images = inferer.sample(noise.to(self.device), unwrap_model(self.autoencoder), model, classifier=None,
+                                    labels=labels.to(self.device), guidance_scale=0.0, verbose=False,
+                                    cfg_scale=self.cfg_scale, null_class=self.num_classes)
         return images.float().clamp(-1, 1)
 
 
@@ -123,11 +135,9 @@ class ReconstructionComparison:
     def __call__(self) -> list[torch.Tensor]:
         x = self.images.to(self.device)
         ae = unwrap_model(self.autoencoder)
-        was_training = ae.training
-        ae.eval()
-        z = ae.encode(x)[0]  # posterior mean, as the fine-tuning sees it
-        rows = [x, self.pretrained.decode(z), ae.decode(z)]
-        ae.train(was_training)
+        with evaluating(ae):
+            z = ae.encode(x)[0]  # posterior mean, as the fine-tuning sees it
+            rows = [x, self.pretrained.decode(z), ae.decode(z)]
         return [r.float().clamp(-1, 1) for r in rows]
 
 
