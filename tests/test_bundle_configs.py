@@ -13,7 +13,8 @@ from monai_histodiff.pipeline import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
-          "generate", "select", "train_downstream", "evaluate", "train_stylegan2", "generate_stylegan2"]
+          "finetune_conditional", "generate", "select", "train_downstream", "evaluate", "train_stylegan2",
+          "generate_stylegan2"]
 
 
 def test_config_dir_is_the_checkout_and_lists_every_stage():
@@ -75,3 +76,68 @@ def test_small_size_replaces_the_paper_scale():
 @pytest.mark.parametrize("stage", ["train_aux_classifier", "finetune", "train_latent_classifier", "generate"])
 def test_adaptation_stages_read_the_tile_size_from_the_autoencoder(stage):
     assert merged_config(stage)["image_size"] == "$monai_histodiff.engines.trained_image_size(@autoencoder_ckpt)"
+
+
+def _data_formats(md: dict) -> dict[str, dict]:
+    return {k: v for k, v in md.items() if k.endswith("_data_format")}
+
+
+def test_stage_metadata_passes_verify_metadata_and_describes_every_trained_network(tmp_path):
+    """bundles/metadata.json passes MONAI's verify_metadata with the shipped schema (offline), names itself, requires
+    this package at its version, and has one '<stage>_data_format' per network a stage trains (network_data_format:
+    the autoencoder), with the shapes of common.json (the paper's scale)."""
+    from monai.bundle import verify_metadata
+
+    from monai_histodiff import __version__
+    from monai_histodiff.bundle_export import META_SCHEMA_FILE
+
+    meta = config_dir() / "metadata.json"
+    verify_metadata(meta_file=str(meta), filepath=str(META_SCHEMA_FILE))
+    md = json.loads(meta.read_text())
+    assert md["name"] and md["required_packages_version"]["monai-histodiff"] == __version__
+    assert re.search(r'\bversion="([^"]+)"', (REPO / "setup.py").read_text()).group(1) == __version__
+
+    def own(stage: str) -> dict:
+        return json.loads((config_dir() / f"{stage}.json").read_text())
+
+    trained = [s for s in stage_names()
+               if {"network_def", "generator_def"} & set(own(s)) and s != "pretrain_autoencoder"]
+    assert sorted(_data_formats(md)) == sorted(["network_data_format", "finetune_data_format",
+                                                *(f"{s}_data_format" for s in trained)])
+    common = json.loads((config_dir() / "common.json").read_text())
+    size = common["image_size"]
+    latent = size // 2 ** (len(common["autoencoder_args"]["channels"]) - 1)
+    for key, fmt in _data_formats(md).items():
+        for spec in [*fmt["inputs"].values(), *fmt["outputs"].values()]:
+            if spec["type"] == "image":
+                assert spec["spatial_shape"] == [size, size] and spec["value_range"] == [-1, 1], key
+            if spec["type"] == "latent":
+                assert spec["spatial_shape"] == [latent, latent], key
+                assert spec["num_channels"] == common["latent_channels"], key
+            if spec["type"] == "timestep":
+                assert spec["value_range"] == [0, common["num_train_timesteps"] - 1], key
+    assert md["train_stylegan2_data_format"]["inputs"]["z"]["num_channels"] == common["hparams"]["train_stylegan2"][
+        "z_dim"]
+
+    del md["train_latent_classifier_data_format"]["inputs"]["timesteps"]["dtype"]  # a stage's format is checked too
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(md))
+    with pytest.raises(ValueError, match="'dtype' is a required property"):
+        verify_metadata(meta_file=str(bad), filepath=str(META_SCHEMA_FILE))
+
+
+def test_site_kit_metadata_from_the_stage_metadata_passes_verify_metadata(tmp_path):
+    """The adaptation kit's configs/metadata.json (bundles/metadata.json with the export's name, versions and tile
+    size) passes as well."""
+    from monai.bundle import verify_metadata
+
+    from monai_histodiff import __version__
+    from monai_histodiff.bundle_export import META_SCHEMA_FILE
+    from monai_histodiff.site_bundle import site_metadata
+
+    md = site_metadata({"versions": {"monai_histodiff": __version__}}, 64, "1.2.0", "lung_kit")
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps(md))
+    verify_metadata(meta_file=str(meta), filepath=str(META_SCHEMA_FILE))
+    assert md["name"] == "lung_kit" and md["required_packages_version"]["monai-histodiff"] == __version__
+    assert md["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
