@@ -14,10 +14,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # the stage configs of bundles/ are installed inside the package (monai_histodiff/bundles/), so stages run from an
-    # installed package and any working directory (monai_histodiff.bundle_configs finds them in either place)
+    # installed package and any working directory (monai_histodiff.bundle.configs finds them in either place)
     packages=[*find_packages(include=["monai_histodiff", "monai_histodiff.*"]), "monai_histodiff.bundles"],
     package_dir={"monai_histodiff.bundles": "bundles"},
-    package_data={"monai_histodiff": ["resources/*.json"], "monai_histodiff.bundles": ["*.json", "*.conf"]},
+    package_data={"monai_histodiff.bundle": ["resources/*.json"], "monai_histodiff.bundles": ["*.json", "*.conf"]},
     install_requires=[
         "monai>=1.6,<1.7",
         "torch>=2.8",

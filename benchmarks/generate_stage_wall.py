@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from monai_histodiff.data import load_datalist
-    from monai_histodiff.pipeline import bundle_command, override_value
+    from monai_histodiff.apps.pipeline import bundle_command, override_value
 
     site = Path(args.site).resolve()
     classes = load_datalist(site / "split.json")["classes"]

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from monai_histodiff.data import load_datalist
     from monai_histodiff.metrics.judge import judge_generated, paired_agreement
-    from monai_histodiff.pipeline import run_stage
+    from monai_histodiff.apps.pipeline import run_stage
 
     site = Path(args.site).resolve()
     classes = load_datalist(site / "split.json")["classes"]

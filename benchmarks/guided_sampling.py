@@ -100,7 +100,7 @@ def sizes_of(name: str) -> dict[str, Any]:
     bundle configs so the benchmark measures what the stages build."""
     from monai.bundle import ConfigParser
 
-    from monai_histodiff.bundle_configs import config_files
+    from monai_histodiff.bundle.configs import config_files
 
     if name not in ("small", "paper"):
         raise ValueError(f"--sizes must be small or paper, got {name!r}")

@@ -53,7 +53,7 @@ import json, sys
 from pathlib import Path
 from monai_histodiff.data import write_datalist
 from monai_histodiff.data.unlabeled import sources_in, unlabeled_datalist
-from monai_histodiff.experiment import ExperimentConfig, _Stages, _ceiling
+from monai_histodiff.apps.experiment import ExperimentConfig, _Stages, _ceiling
 out, h = Path(sys.argv[1]), Path(sys.argv[2])
 sources = {**sources_in(h / "unlabeled"), "nct_crc": str(h / "nct_crc"), "kather2016": str(h / "kather2016")}
 write_datalist({**unlabeled_datalist(sources, "size"), "setting": "sources"}, out / "pretraining.json")

@@ -3,7 +3,10 @@
 Pre-train a latent diffusion model on unlabeled histology, adapt it at a new site to a small labeled set, generate
 class-conditioned synthetic tiles with latent classifier guidance, keep the trustworthy ones and train a better
 tissue classifier. The components below are what MONAI bundle configs reach by ``_target_``; the sub-packages hold
-the rest (``data``, ``engines``, ``handlers``, ``metrics``, ``selection``).
+the rest: ``data``, ``networks``, ``schedulers``, ``inferers``, ``engines``, ``handlers``, ``selection``, ``metrics``,
+``bundle`` (finding, checking, exporting and publishing the stage configs) and ``apps`` (the workflows over the
+stages: the experiment runner, the demo, running one stage). ``errors`` is the one-line error of a failed stage or
+command, installed here for every bundle run.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def _cmd_scan(a: argparse.Namespace) -> int:
 
 def _parse_settings(pairs: list[str]) -> dict[str, dict[str, object]]:
     """``["train_latent_classifier.lr=1e-3", ...]`` -> ``{"train_latent_classifier": {"lr": 0.001}}``."""
-    from monai_histodiff.pipeline import override_value
+    from monai_histodiff.apps.pipeline import override_value
 
     out: dict[str, dict[str, object]] = {}
     for pair in pairs:
@@ -93,7 +93,7 @@ def _parse_settings(pairs: list[str]) -> dict[str, dict[str, object]]:
 
 
 def _cmd_experiment(a: argparse.Namespace) -> int:
-    from monai_histodiff.experiment import ExperimentConfig, run_experiment
+    from monai_histodiff.apps.experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(
         output_dir=a.output_dir, dataset_dir=a.dataset_dir, test_dir=a.test_dir,
@@ -117,7 +117,7 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
 
 
 def _cmd_large_files(a: argparse.Namespace) -> int:
-    from monai_histodiff.publish import write_large_files
+    from monai_histodiff.bundle.publish import write_large_files
 
     path = write_large_files(a.runs, a.url_base, a.output)
     print(f"wrote {path}")
@@ -125,7 +125,7 @@ def _cmd_large_files(a: argparse.Namespace) -> int:
 
 
 def _cmd_download_checkpoints(a: argparse.Namespace) -> int:
-    from monai_histodiff.publish import download_checkpoints
+    from monai_histodiff.bundle.publish import download_checkpoints
 
     for path in download_checkpoints(a.bundle_path, a.large_files):
         print(f"{path}: sha256 verified")
@@ -133,14 +133,14 @@ def _cmd_download_checkpoints(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from monai_histodiff.demo import run_demo
+    from monai_histodiff.apps.demo import run_demo
 
     return run_demo(a.output_dir, dataset_dir=a.dataset_dir, unlabeled_dir=a.unlabeled_dir)
 
 
 def _cmd_export_bundle(a: argparse.Namespace) -> int:
-    from monai_histodiff.bundle_export import META_SCHEMA_FILE, export_bundle
-    from monai_histodiff.site_bundle import export_site_bundle
+    from monai_histodiff.bundle.export import META_SCHEMA_FILE, export_bundle
+    from monai_histodiff.bundle.site_kit import export_site_bundle
 
     if a.pretrained_runs:
         out = export_site_bundle(a.pretrained_runs, a.output, name=a.name, version=a.version, small=a.small,
@@ -364,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Exception as e:  # a stage or the runner stopped: its own message is the last line (errors.py)
         from monai_histodiff.errors import DEBUG_ENV, PREFIX, summary_line
-        from monai_histodiff.experiment import ExperimentError
-        from monai_histodiff.pipeline import StageError
+        from monai_histodiff.apps.experiment import ExperimentError
+        from monai_histodiff.apps.pipeline import StageError
 
         if os.environ.get(DEBUG_ENV) or not isinstance(e, (StageError, ExperimentError, FileNotFoundError,
                                                              ValueError)):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from monai_histodiff.bundle_configs import config_dir, config_files, merged_config, stage_names
-from monai_histodiff.pipeline import bundle_command
+from monai_histodiff.bundle.configs import config_dir, config_files, merged_config, stage_names
+from monai_histodiff.apps.pipeline import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
@@ -89,7 +89,7 @@ def test_stage_metadata_passes_verify_metadata_and_describes_every_trained_netwo
     from monai.bundle import verify_metadata
 
     from monai_histodiff import __version__
-    from monai_histodiff.bundle_export import META_SCHEMA_FILE
+    from monai_histodiff.bundle.export import META_SCHEMA_FILE
 
     meta = config_dir() / "metadata.json"
     verify_metadata(meta_file=str(meta), filepath=str(META_SCHEMA_FILE))
@@ -132,8 +132,8 @@ def test_site_kit_metadata_from_the_stage_metadata_passes_verify_metadata(tmp_pa
     from monai.bundle import verify_metadata
 
     from monai_histodiff import __version__
-    from monai_histodiff.bundle_export import META_SCHEMA_FILE
-    from monai_histodiff.site_bundle import site_metadata
+    from monai_histodiff.bundle.export import META_SCHEMA_FILE
+    from monai_histodiff.bundle.site_kit import site_metadata
 
     md = site_metadata({"versions": {"monai_histodiff": __version__}}, 64, "1.2.0", "lung_kit")
     meta = tmp_path / "metadata.json"

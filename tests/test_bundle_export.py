@@ -18,7 +18,7 @@ import torch
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 from monai_histodiff.__main__ import main
-from monai_histodiff.bundle_export import META_SCHEMA_FILE, export_bundle
+from monai_histodiff.bundle.export import META_SCHEMA_FILE, export_bundle
 from monai_histodiff.data.toy import make_toy_dataset
 from monai_histodiff.data.transforms import tile_transforms
 from monai_histodiff.handlers.checkpoint import checkpoint_meta, save_checkpoint

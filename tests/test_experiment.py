@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monai_histodiff.data import load_datalist, write_datalist
-from monai_histodiff.experiment import (
+from monai_histodiff.apps.experiment import (
     ExperimentConfig,
     ExperimentError,
     _prepare_ablation,
@@ -175,7 +175,7 @@ def test_side_by_side_picture_has_a_real_and_a_generated_row_per_class(toy_dir, 
     from PIL import Image
 
     from monai_histodiff.data import scan_class_folders
-    from monai_histodiff.experiment import write_side_by_side
+    from monai_histodiff.apps.experiment import write_side_by_side
 
     items, classes = scan_class_folders(toy_dir)
     write_datalist({"classes": classes, "training": items, "validation": [], "test": []}, tmp_path / "split.json")
@@ -272,7 +272,7 @@ def test_conditional_fine_tune_rows_with_classifier_free_guidance(toy_labeled_si
 def test_pool_record_counts_the_tiles_a_rerun_finds(tmp_path):
     """A rerun's first round finds every tile of the earlier rounds: the record (and the top-up's acceptance rate)
     uses what the pool holds, not what that round asked for."""
-    from monai_histodiff.experiment import _pool_sizes
+    from monai_histodiff.apps.experiment import _pool_sizes
 
     rows = [{"file": f"A/A_{i:06d}.png", "class": "A", "index": i} for i in range(5)]
     rows += [{"file": f"B/B_{i:06d}.png", "class": "B", "index": i} for i in range(2)]
@@ -283,7 +283,7 @@ def test_pool_record_counts_the_tiles_a_rerun_finds(tmp_path):
 
 def test_paired_interval_of_the_mean_difference():
     """Student's t, hand-computed: differences 0.01, 0.03, 0.02 -> mean 0.02, std 0.01, t(0.975, 2) = 4.3027."""
-    from monai_histodiff.experiment import paired_interval
+    from monai_histodiff.apps.experiment import paired_interval
 
     lo, hi = paired_interval([0.01, 0.03, 0.02])
     half = 4.302653 * 0.01 / 3 ** 0.5

@@ -160,8 +160,9 @@ __all__ += ["CONDITIONAL_STAGE", "conditional_from_pretrained", "conditional_lat
             "check_conditional", "labeled_share_weights"]
 # --- end class-conditional fine-tuning ---
 
-# --- stage settings: numeric ranges checked before a stage does any work ---
-from monai_histodiff.engines.settings import (  # noqa: E402
+# --- stage settings: their home is monai_histodiff.bundle.settings; re-exported here because the self-contained
+# stage configs of adaptation kits exported before the move call $monai_histodiff.engines.check_settings ---
+from monai_histodiff.bundle.settings import (  # noqa: E402
     SETTING_RULES,
     InvalidSettingError,
     SettingRule,

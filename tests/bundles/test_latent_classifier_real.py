@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from monai_histodiff.experiment import ExperimentError, check_latent_classifier
+from monai_histodiff.apps.experiment import ExperimentError, check_latent_classifier
 from tests.bundles.conftest import FAST, SMALL, run_bundle
 
 CLASSES = ("lung_aca", "lung_n")

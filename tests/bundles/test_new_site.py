@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from monai_histodiff.bundle_export import META_SCHEMA_FILE
+from monai_histodiff.bundle.export import META_SCHEMA_FILE
 from monai_histodiff.handlers import CheckpointMismatchError, file_sha256, load_checkpoint
 from tests.bundles.conftest import FAST, REPO
 
@@ -46,7 +46,7 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
     work = tmp_path / "anywhere"  # the site's working folder: no bundles/ here, no repository
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site_packages), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    where = _run([sys.executable, "-c", "import monai_histodiff.bundle_configs as b; print(b.__file__); "
+    where = _run([sys.executable, "-c", "import monai_histodiff.bundle.configs as b; print(b.__file__); "
                   "print(b.config_dir())"], work, env).stdout.split()
     assert all(Path(p).is_relative_to(site_packages) for p in where), where  # the installed copy, not the checkout
 
@@ -121,7 +121,7 @@ def test_kit_with_published_checkpoints_and_refusals(pretrained, tmp_path):
     import torch
     import yaml
 
-    from monai_histodiff.site_bundle import export_site_bundle
+    from monai_histodiff.bundle.site_kit import export_site_bundle
 
     kit = export_site_bundle(pretrained, tmp_path / "kit", url_base="https://example.org/histodiff")
     assert not any((kit / "models").iterdir())

@@ -7,7 +7,7 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.inferers import DiffusionInferer
 
-from monai_histodiff.bundle_configs import config_files
+from monai_histodiff.bundle.configs import config_files
 from monai_histodiff.engines import AutoencoderKLTrainer, LatentDiffusionPrepareBatch
 
 

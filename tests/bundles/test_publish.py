@@ -27,7 +27,7 @@ def test_download_checkpoints_keeps_only_matching_files(pretrained, tmp_path):
     file, the expected and the actual hash, and leaves nothing a stage would read."""
     import pytest
 
-    from monai_histodiff.publish import ChecksumMismatchError
+    from monai_histodiff.bundle.publish import ChecksumMismatchError
 
     listing = tmp_path / "large_files.yml"
     main(["large-files", "--runs", str(pretrained), "--url_base", pretrained.as_uri(), "--output", str(listing)])

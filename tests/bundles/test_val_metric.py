@@ -8,7 +8,7 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ConfusionMatrix
 
-from monai_histodiff.bundle_configs import config_files
+from monai_histodiff.bundle.configs import config_files
 
 # 4 tiles, 3 classes: labels 0 1 2 0, argmax 0 2 2 1 -> top-1 = 2/4, while the per-class (TP + TN) / all accuracies
 # are 3/4, 2/4, 3/4 (mean 2/3)

@@ -24,7 +24,7 @@ pytest.importorskip("monailabel")
 import requests  # noqa: E402
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet  # noqa: E402
 
-from monai_histodiff.bundle_export import export_bundle  # noqa: E402
+from monai_histodiff.bundle.export import export_bundle  # noqa: E402
 from monai_histodiff.data.manifest import read_generation_manifest, read_manifest  # noqa: E402
 from monai_histodiff.data.toy import make_toy_dataset  # noqa: E402
 from monai_histodiff.data.transforms import tile_transforms  # noqa: E402
@@ -104,7 +104,7 @@ def test_synthesize_task(setup: dict, tmp_path: Path) -> None:
     from monailabel.tasks.infer.basic_infer import BasicInferTask
     from PIL import Image
 
-    from monai_histodiff.bundle_configs import config_dir
+    from monai_histodiff.bundle.configs import config_dir
 
     stage = json.loads((config_dir() / "generate.json").read_text())
     task = SynthesizeTilesInfer(output_root=tmp_path / "synth", num_inference_steps=3, **setup["ckpts"])
@@ -387,7 +387,7 @@ def _stage_outputs() -> dict[str, set[str]]:
     configs name: checkpoints (``*_ckpt``), folders (``*_dir``) and the manifest."""
     from monai.bundle import ConfigParser
 
-    from monai_histodiff.bundle_configs import config_files, stage_names
+    from monai_histodiff.bundle.configs import config_files, stage_names
 
     outputs = {}
     for stage in stage_names():

@@ -119,10 +119,10 @@ def check_flag(value: Any, name: str) -> bool:
 
 def generate_defaults() -> dict[str, Any]:
     """The sampling settings of the ``generate`` stage (``bundles/generate.json`` merged over ``common.json``, found
-    with :func:`monai_histodiff.bundle_configs.config_files`): ``num_inference_steps``, ``guidance_scale``,
+    with :func:`monai_histodiff.bundle.configs.config_files`): ``num_inference_steps``, ``guidance_scale``,
     ``guidance_interval``, ``eta``, ``scheduler``, ``batch_size``, ``seed`` and ``use_ema``; the synthesize task's
     defaults, so that it samples as the stage does."""
-    from monai_histodiff.bundle_configs import merged_config
+    from monai_histodiff.bundle.configs import merged_config
 
     cfg = merged_config("generate")
     values = {k: cfg.get(k) for k in _GENERATE_KEYS}

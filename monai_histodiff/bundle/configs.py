@@ -28,12 +28,13 @@ _NOT_STAGES = {COMMON, SMALL, MULTI_GPU, "metadata.json"}
 
 def config_dir() -> Path:
     """The folder holding ``common.json`` and the stage configs: installed package data, else the checkout's."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "bundles", here.parent / "bundles"):
+    package = Path(__file__).resolve().parents[1]  # monai_histodiff/ (this file is monai_histodiff/bundle/configs.py)
+    for folder in (package / "bundles", package.parent / "bundles"):
         if (folder / COMMON).is_file():
             return folder
-    raise FileNotFoundError(f"no bundle configs next to {here}: neither {here / 'bundles'} (installed package) nor "
-                            f"{here.parent / 'bundles'} (source checkout) holds {COMMON}; reinstall monai-histodiff")
+    raise FileNotFoundError(f"no bundle configs next to {package}: neither {package / 'bundles'} (installed package) "
+                            f"nor {package.parent / 'bundles'} (source checkout) holds {COMMON}; reinstall "
+                            "monai-histodiff")
 
 
 def stage_names() -> list[str]:

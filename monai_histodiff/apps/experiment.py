@@ -40,7 +40,7 @@ from typing import Any
 from monai_histodiff.data.datalist import class_counts, load_datalist, write_datalist
 from monai_histodiff.data.prepare import ensure_split
 from monai_histodiff.data.split import check_groups_disjoint
-from monai_histodiff.pipeline import run_stage
+from monai_histodiff.apps.pipeline import run_stage
 from monai_histodiff.selection.rules import quotas_from_ratio
 
 __all__ = [
@@ -180,8 +180,8 @@ class ExperimentConfig:
 
     def check_stage_settings(self) -> None:
         """Check every numeric setting the runner passes to a stage (its own and ``stage_overrides``) against the
-        stages' rules (:func:`monai_histodiff.engines.check_settings`) before anything runs."""
-        from monai_histodiff.engines.settings import SETTING_RULES, check_settings
+        stages' rules (:func:`monai_histodiff.bundle.check_settings`) before anything runs."""
+        from monai_histodiff.bundle.settings import SETTING_RULES, check_settings
 
         optional = {k: v for k, v in (("label_fraction", self.label_fraction),
                                       ("guidance_scale", self.guidance_scale)) if v is not None}
@@ -748,7 +748,7 @@ def guidance_sweep(cfg: ExperimentConfig, out: Path, stages: _Stages, judge_ckpt
 def stage_hparam(stage: str, key: str, small: bool = True) -> Any:
     """A stage's training setting (``lr``, ``batch_size``, ``max_epochs``) as the bundles define it: the paper's
     (``bundles/common.json#hparams``) or, with ``small``, the CPU size's (``bundles/small.json#hparams``)."""
-    from monai_histodiff.bundle_configs import config_dir
+    from monai_histodiff.bundle.configs import config_dir
 
     name = "small" if small else "common"
     hparams = json.loads((config_dir() / f"{name}.json").read_text())["hparams"]

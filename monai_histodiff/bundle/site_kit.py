@@ -55,7 +55,7 @@ def site_stage_config(stage: str, small: bool) -> dict[str, Any]:
         stage: one of :data:`SITE_STAGES`.
         small: merge ``small.json`` (the CPU size) as the pre-trained checkpoints were made at it.
     """
-    from monai_histodiff.bundle_configs import config_dir, merged_config
+    from monai_histodiff.bundle.configs import config_dir, merged_config
 
     if stage not in SITE_STAGES:
         raise ValueError(f"'{stage}' is not a stage a new site runs; site stages: {', '.join(SITE_STAGES)}")
@@ -77,8 +77,8 @@ def site_metadata(autoencoder_meta: Mapping[str, Any], image_size: int, version:
     import numpy
     import torch
 
-    from monai_histodiff.bundle_configs import config_dir
-    from monai_histodiff.bundle_export import package_version
+    from monai_histodiff.bundle.configs import config_dir
+    from monai_histodiff.bundle.export import package_version
 
     md = json.loads((config_dir() / "metadata.json").read_text(encoding="utf-8"))
     md.update({
@@ -166,11 +166,11 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
     Returns:
         the bundle folder.
     """
-    from monai_histodiff.bundle_configs import MULTI_GPU, config_dir
-    from monai_histodiff.bundle_export import new_bundle_folder
+    from monai_histodiff.bundle.configs import MULTI_GPU, config_dir
+    from monai_histodiff.bundle.export import new_bundle_folder
     from monai_histodiff.engines.loading import trained_image_size
     from monai_histodiff.handlers.checkpoint import load_checkpoint, verify_parent
-    from monai_histodiff.publish import PRETRAINED, write_large_files
+    from monai_histodiff.bundle.publish import PRETRAINED, write_large_files
 
     runs = Path(runs)
     ae_path, diff_path = (runs / rel for rel in PRETRAINED)

@@ -69,8 +69,8 @@ def prepare_demo_data(
 def run_demo(output_dir: str | os.PathLike = "demo_output", dataset_dir: str | None = None,
              unlabeled_dir: str | None = None) -> int:
     """Every stage end to end at the small size, then the Table 1 protocol with one seed; prints the results."""
-    from monai_histodiff.experiment import ExperimentConfig, run_experiment
-    from monai_histodiff.pipeline import run_stage
+    from monai_histodiff.apps.experiment import ExperimentConfig, run_experiment
+    from monai_histodiff.apps.pipeline import run_stage
 
     start = time.time()
     toy = dataset_dir is None and not os.environ.get("HISTODIFF_DATA")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_histodiff.bundle_configs import config_files
+from monai_histodiff.bundle.configs import config_files
 from monai_histodiff.errors import PREFIX
 
 __all__ = ["bundle_command", "override_value", "run_stage", "StageError"]
@@ -41,7 +41,7 @@ def override_value(text: str) -> Any:
 
 def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] = (), **overrides: Any) -> list[str]:
     """The ``python -m monai.bundle run`` command of ``stage`` with ``--key value`` overrides: the installed configs
-    (:func:`~monai_histodiff.bundle_configs.config_files`) in MONAI's list form, so it runs from any folder."""
+    (:func:`~monai_histodiff.bundle.configs.config_files`) in MONAI's list form, so it runs from any folder."""
     configs = config_files(stage, small, extra_configs)
     config_arg = "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
