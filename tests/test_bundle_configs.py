@@ -66,6 +66,25 @@ def test_no_stage_refers_to_another_file_and_every_reference_resolves(stage):
         assert {"device", "output_dir"} <= reached, sorted(reached)
 
 
+TRAINING_STAGES = ["pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune",
+                   "train_latent_classifier", "finetune_conditional", "train_stylegan2", "train_downstream"]
+
+
+def test_every_stage_that_trains_defines_network_def():
+    """The model-zoo convention: a stage that trains a network defines it as ``network_def`` (built from arguments,
+    from a shared definition of common.json such as ``@autoencoder_def`` / ``@diffusion_def``, or rebuilt from a
+    pre-trained checkpoint) and trains ``network``, that definition on the device (DDP when distributed)."""
+    trains = [s for s in STAGES if "trainer" in merged_config(s).get("train", {})]
+    assert sorted(trains) == sorted(TRAINING_STAGES)
+    for stage in trains:
+        own = json.loads((config_dir() / f"{stage}.json").read_text())
+        assert "network_def" in own and "@network_def" in own["network"], stage
+        assert not [k for k in own if k.endswith("_def") and k not in ("network_def", "discriminator_def")], stage
+    shared = merged_config("pretrain_autoencoder")
+    assert shared["network_def"] == "@autoencoder_def" and merged_config("pretrain_diffusion")["network_def"] == (
+        "@diffusion_def")
+
+
 def test_small_size_replaces_the_paper_scale():
     paper, small = merged_config("pretrain_diffusion"), merged_config("pretrain_diffusion", small=True)
     assert paper["image_size"] == 256 and small["image_size"] == 64
@@ -100,10 +119,8 @@ def test_stage_metadata_passes_verify_metadata_and_describes_every_trained_netwo
     def own(stage: str) -> dict:
         return json.loads((config_dir() / f"{stage}.json").read_text())
 
-    trained = [s for s in stage_names()
-               if {"network_def", "generator_def"} & set(own(s)) and s != "pretrain_autoencoder"]
-    assert sorted(_data_formats(md)) == sorted(["network_data_format", "finetune_data_format",
-                                                *(f"{s}_data_format" for s in trained)])
+    trained = [s for s in stage_names() if "network_def" in own(s) and s != "pretrain_autoencoder"]
+    assert sorted(_data_formats(md)) == sorted(["network_data_format", *(f"{s}_data_format" for s in trained)])
     common = json.loads((config_dir() / "common.json").read_text())
     size = common["image_size"]
     latent = size // 2 ** (len(common["autoencoder_args"]["channels"]) - 1)

@@ -62,7 +62,7 @@ def test_paper_stylegan2_and_one_step():
     p = _parser("train_stylegan2")
     p["num_classes"] = 9  # the paper's NCT-CRC classes (the split is not read)
     assert [p.get_parsed_content(k) for k in ("image_size", "batch_size", "lr", "max_epochs")] == [256, 64, 2e-4, 100]
-    G, D = p.get_parsed_content("generator_def"), p.get_parsed_content("discriminator_def")
+    G, D = p.get_parsed_content("network_def"), p.get_parsed_content("discriminator_def")
     assert (G.z_dim, G.w_dim, G.image_size) == (512, 512, 256)
     g0 = [q.detach().clone() for q in G.parameters()]
     d0 = [q.detach().clone() for q in D.parameters()]
