@@ -37,6 +37,26 @@ def test_bundle_command_uses_the_installed_list_form():
     cmd = bundle_command("select", small=True, ratio=0.5)
     files = json.loads(cmd[cmd.index("--config_file") + 1].replace("'", '"'))
     assert files == config_files("select", small=True) and cmd[-2:] == ["--ratio", "0.5"]
+    assert cmd[1:4] == ["-m", "monai.bundle", "run"]
+
+
+def test_multi_gpu_is_an_override_merged_after_the_stage_config():
+    """Model-zoo style: multi_gpu.json only overrides (distributed: true) and comes after the stage config and the
+    size file; the helpers build that order and torchrun's command."""
+    multi = json.loads((config_dir() / "multi_gpu.json").read_text())
+    assert {k for k in multi if not k.startswith("_")} == {"distributed"} and multi["distributed"] is True
+    assert "['bundles/common.json','bundles/<stage>.json','bundles/multi_gpu.json']" in multi["_doc"]
+    files = config_files("generate", small=True, multi_gpu=True, extra=["bundles/multi_gpu.json", "/x/dump.json"])
+    assert [Path(f).name for f in files] == ["common.json", "generate.json", "small.json", "multi_gpu.json",
+                                             "dump.json"]
+    assert merged_config("generate", multi_gpu=True)["distributed"] is True
+    assert merged_config("generate")["distributed"] is False
+    cmd = bundle_command("train_latent_classifier", small=True, nproc_per_node=2, max_epochs=1)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m"] and cmd[5:7] == ["monai.bundle",
+                                                                                                     "run"]
+    files = json.loads(cmd[cmd.index("--config_file") + 1].replace("'", '"'))
+    assert files == config_files("train_latent_classifier", small=True, multi_gpu=True)
+    assert Path(files[-1]).name == "multi_gpu.json"
 
 
 def _resolved_ids(config: dict) -> set[str]:

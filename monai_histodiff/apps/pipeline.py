@@ -39,12 +39,19 @@ def override_value(text: str) -> Any:
         return text
 
 
-def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] = (), **overrides: Any) -> list[str]:
+def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] = (), nproc_per_node: int = 0,
+                   **overrides: Any) -> list[str]:
     """The ``python -m monai.bundle run`` command of ``stage`` with ``--key value`` overrides: the installed configs
-    (:func:`~monai_histodiff.bundle.configs.config_files`) in MONAI's list form, so it runs from any folder."""
-    configs = config_files(stage, small, extra_configs)
+    (:func:`~monai_histodiff.bundle.configs.config_files`) in MONAI's list form, so it runs from any folder.
+
+    With ``nproc_per_node`` > 0 the command is torchrun's (``python -m torch.distributed.run --nproc_per_node=N -m
+    monai.bundle run``) and ``multi_gpu.json`` is merged after the stage config (and ``small.json``), model-zoo style.
+    """
+    configs = config_files(stage, small, extra_configs, multi_gpu=nproc_per_node > 0)
     config_arg = "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+    launcher = [sys.executable, "-m", "monai.bundle"] if nproc_per_node <= 0 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={int(nproc_per_node)}", "-m", "monai.bundle"]
+    cmd = [*launcher, "run", "--config_file", config_arg]
     for key, value in overrides.items():
         if value is not None:
             cmd += [f"--{key}", _literal(value)]
@@ -52,7 +59,7 @@ def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] 
 
 
 def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_configs: Sequence[str] = (),
-              quiet: bool = False, **overrides: Any) -> float:
+              quiet: bool = False, nproc_per_node: int = 0, **overrides: Any) -> float:
     """Run one stage in the current folder (relative paths in ``overrides`` are the caller's), showing its output
     live and keeping it in ``<log_dir>/<stage>.log``.
 
@@ -62,7 +69,7 @@ def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_
     log_dir.mkdir(parents=True, exist_ok=True)
     tag = overrides.pop("log_name", stage)
     log_path = log_dir / f"{tag}.log"
-    cmd = bundle_command(stage, small, extra_configs, **overrides)
+    cmd = bundle_command(stage, small, extra_configs, nproc_per_node, **overrides)
     shown = " ".join(c if " " not in c and "[" not in c else f'"{c}"' for c in cmd[1:])
     print(f"\n[{tag}] python {shown}", flush=True)
     start = time.time()

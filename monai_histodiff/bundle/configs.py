@@ -2,9 +2,12 @@
 
 The configs of ``bundles/`` are installed inside the package (``monai_histodiff/bundles/``, see ``setup.py``); in a
 source checkout (or an editable install) they are read from the repository's ``bundles/``. A stage runs with MONAI's
-list form: the shared definitions first, the stage second, the CPU size and other overrides after::
+list form: the shared definitions first, the stage second, the CPU size and other overrides after, and for several
+processes (model-zoo style) ``multi_gpu.json`` after the stage config, under torchrun::
 
     python -m monai.bundle run --config_file "['bundles/common.json','bundles/finetune.json','bundles/small.json']"
+    torchrun --nproc_per_node=2 -m monai.bundle run \\
+        --config_file "['bundles/common.json','bundles/generate.json','bundles/small.json','bundles/multi_gpu.json']"
 
 :func:`config_files` gives that list as absolute paths, so the experiment runner, the demo and the site-bundle export
 work from an installed package and any folder; :func:`merged_config` gives the merged content as one dictionary (what
@@ -42,9 +45,12 @@ def stage_names() -> list[str]:
     return sorted(p.stem for p in config_dir().glob("*.json") if p.name not in _NOT_STAGES)
 
 
-def config_files(stage: str, small: bool = False, extra: Sequence[str | os.PathLike] = ()) -> list[str]:
-    """The config files ``stage`` runs with, in merge order: ``common.json``, ``<stage>.json``, ``small.json`` when
-    ``small``, then ``extra`` (other files, e.g. ``multi_gpu.json``: a bare name is looked up in :func:`config_dir`).
+def config_files(stage: str, small: bool = False, extra: Sequence[str | os.PathLike] = (), *,
+                 multi_gpu: bool = False) -> list[str]:
+    """The config files ``stage`` runs with, in merge order (later files override earlier keys): ``common.json``,
+    ``<stage>.json``, ``small.json`` when ``small``, ``multi_gpu.json`` when ``multi_gpu`` (the model-zoo override
+    merged after the stage config, launched with torchrun), then ``extra`` (other files: a bare name or
+    ``bundles/<name>`` of a packaged file is looked up in :func:`config_dir`).
 
     Raises:
         FileNotFoundError: naming the stage and the known stages when ``stage`` has no config.
@@ -53,19 +59,24 @@ def config_files(stage: str, small: bool = False, extra: Sequence[str | os.PathL
     stage_file = folder / f"{stage}.json"
     if not stage_file.is_file() or stage_file.name in _NOT_STAGES:
         raise FileNotFoundError(f"no stage config '{stage}' in {folder}; stages: {', '.join(stage_names())}")
-    files = [folder / COMMON, stage_file, *([folder / SMALL] if small else [])]
+    files = [folder / COMMON, stage_file]
+    files += [folder / SMALL] if small else []
+    files += [folder / MULTI_GPU] if multi_gpu else []
     for item in extra:
         path = Path(item)
         packaged = folder / path.name
-        files.append(packaged if str(path) in (path.name, f"bundles/{path.name}") and packaged.is_file() else path)
+        path = packaged if str(path) in (path.name, f"bundles/{path.name}") and packaged.is_file() else path
+        if path not in files:
+            files.append(path)
     return [str(f) for f in files]
 
 
-def merged_config(stage: str, small: bool = False, extra: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
+def merged_config(stage: str, small: bool = False, extra: Sequence[str | os.PathLike] = (), *,
+                  multi_gpu: bool = False) -> dict[str, Any]:
     """The content ``stage`` runs with, merged as ``monai.bundle`` merges :func:`config_files` (later files replace
     earlier top-level keys; ``a#b`` keys replace one nested entry)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(config_files(stage, small, extra))
+    parser.read_config(config_files(stage, small, extra, multi_gpu=multi_gpu))
     return parser.get()
