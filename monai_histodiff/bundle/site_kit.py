@@ -7,6 +7,7 @@ The pre-training site has run ``pretrain_autoencoder`` and ``pretrain_diffusion`
       configs/metadata.json            model-zoo metadata (schema 20240725), versions, tile size, references
       configs/<stage>.json             one self-contained config per stage a new site runs: train_aux_classifier,
                                        finetune, train_latent_classifier, generate, select, train_downstream, evaluate
+      configs/inference.json           the kit's inference under the model zoo's name: the generate stage's config
       configs/multi_gpu.json           merged after a stage config for torchrun
       configs/logging.conf
       models/autoencoder.pt            the pre-trained checkpoints (or large_files.yml with their URLs and sha256)
@@ -34,18 +35,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SITE_STAGES", "MODEL_FILES", "site_stage_config", "site_metadata", "export_site_bundle"]
+__all__ = ["SITE_STAGES", "INFERENCE_STAGE", "MODEL_FILES", "site_stage_config", "site_inference_config",
+           "site_metadata", "export_site_bundle"]
 
 SITE_STAGES = ("train_aux_classifier", "finetune", "train_latent_classifier", "generate", "select",
                "train_downstream", "evaluate")
+#: the stage a model-zoo user runs as the kit's ``configs/inference.json``: generation is what the kit infers
+INFERENCE_STAGE = "generate"
 MODEL_FILES = {"autoencoder_ckpt": "models/autoencoder.pt", "diffusion_ckpt": "models/diffusion.pt"}
 # keys a stage reads from an earlier stage's files (its own config's expression wins over a size file's literal)
 _FROM_PARENTS = ("image_size",)
 
 
-def _run_line(stage: str) -> str:
-    return (f"Run: python -m monai.bundle run --config_file <bundle>/configs/{stage}.json --bundle_root <bundle> "
-            "--dataset_dir <class folders> --output_dir <site runs> [overrides]")
+def _run_line(stage: str, name: str | None = None) -> str:
+    return (f"Run: python -m monai.bundle run --config_file <bundle>/configs/{name or stage}.json "
+            "--bundle_root <bundle> --dataset_dir <class folders> --output_dir <site runs> [overrides]")
 
 
 def site_stage_config(stage: str, small: bool) -> dict[str, Any]:
@@ -68,6 +72,17 @@ def site_stage_config(stage: str, small: bool) -> dict[str, Any]:
         cfg[key] = f"$@bundle_root + '/{rel}'"
     cfg["_doc"] = re.sub(r" Run: .*$", "", str(own.get("_doc", stage))) + " " + _run_line(stage)
     cfg.pop("_hparams_doc", None)
+    return cfg
+
+
+def site_inference_config(small: bool) -> dict[str, Any]:
+    """``configs/inference.json``: the :data:`INFERENCE_STAGE` (``generate``) config of :func:`site_stage_config`
+    under the name the model zoo runs by default; the same keys, workflow and overrides as ``configs/generate.json``,
+    only its ``_doc`` names this file."""
+    cfg = site_stage_config(INFERENCE_STAGE, small)
+    doc = re.sub(r" Run: .*$", "", cfg["_doc"])
+    cfg["_doc"] = (f"The kit's inference (model-zoo name): the {INFERENCE_STAGE} stage, identical to "
+                   f"configs/{INFERENCE_STAGE}.json. {doc} {_run_line(INFERENCE_STAGE, 'inference')}")
     return cfg
 
 
@@ -134,6 +149,9 @@ where the site's files go (default `$BUNDLE/runs`). Every value of a config can 
 {run.format("evaluate")} {site}
 ```
 
+`configs/inference.json` is `configs/generate.json` under the model zoo's default name: generation is this kit's
+inference (`--config_file $BUNDLE/configs/inference.json` runs the same stage with the same overrides).
+
 Multi-GPU (stages that support it): `torchrun --nproc_per_node=N -m monai.bundle run --config_file
 "['$BUNDLE/configs/<stage>.json','$BUNDLE/configs/multi_gpu.json']" --bundle_root $BUNDLE ...`.
 
@@ -188,6 +206,7 @@ def export_site_bundle(runs: str | os.PathLike, output: str | os.PathLike, name:
     name = name or out.name
 
     files: dict[str, Any] = {f"configs/{stage}.json": site_stage_config(stage, small) for stage in SITE_STAGES}
+    files["configs/inference.json"] = site_inference_config(small)
     files["configs/multi_gpu.json"] = json.loads((config_dir() / MULTI_GPU).read_text(encoding="utf-8"))
     files["configs/multi_gpu.json"]["_doc"] = (
         "Merged after a stage config for torchrun: --config_file "

@@ -56,7 +56,7 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
     configs = sorted(p.name for p in (bundle / "configs").iterdir())
     assert configs == sorted([f"{s}.json" for s in ("train_aux_classifier", "finetune", "train_latent_classifier",
                                                      "generate", "select", "train_downstream", "evaluate")]
-                             + ["metadata.json", "multi_gpu.json", "logging.conf"])
+                             + ["inference.json", "metadata.json", "multi_gpu.json", "logging.conf"])
     for c in configs:  # self-contained: nothing but prose names the repository's bundles/
         content = json.loads((bundle / "configs" / c).read_text()) if c.endswith(".json") else {}
         assert "bundles/" not in json.dumps({k: v for k, v in content.items() if not k.startswith("_")}), c
