@@ -11,8 +11,9 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL
 
-from monai_histodiff.bundle import config_files
+from monai_histodiff.bundle import InvalidSettingError, config_files
 from monai_histodiff.bundle.site_kit import INFERENCE_STAGE, SITE_STAGES, export_site_bundle
+from monai_histodiff.errors import root_cause
 from monai_histodiff.handlers.checkpoint import checkpoint_meta, save_checkpoint
 from tests.test_bundle_configs import _resolved_ids
 
@@ -61,3 +62,28 @@ def test_inference_json_parses_with_monai_config_parser(kit: Path) -> None:
     assert Path(parser.get_parsed_content("diffusion_ckpt")) == kit / "models" / "diffusion.pt"
     assert parser.get_parsed_content("image_size") == 64
     assert Path(parser.get_parsed_content("synthetic_dir")) == kit / "site_runs" / "generate"
+
+
+def test_a_kit_config_exported_before_the_bundle_package_still_checks_its_settings(kit: Path, tmp_path: Path) -> None:
+    """Kits exported before ``check_settings`` moved to ``monai_histodiff.bundle`` call it through
+    ``monai_histodiff.engines`` and do not import ``monai_histodiff.bundle``: their first initialize entry still runs
+    the check (a bad value is refused, naming it)."""
+    text = (kit / "configs" / "generate.json").read_text()
+    assert "$monai_histodiff.bundle.check_settings(" in text
+    config = json.loads(text.replace("$monai_histodiff.bundle.check_settings(",
+                                     "$monai_histodiff.engines.check_settings("))
+    config["imports"] = [i for i in config["imports"] if i != "$import monai_histodiff.bundle"]
+    old = tmp_path / "generate.json"
+    old.write_text(json.dumps(config))
+    for ratio, ok in ((2.0, True), (-1.0, False)):
+        parser = ConfigParser()
+        parser.read_config(str(old))
+        parser.update({"bundle_root": str(kit), "ratio": ratio})
+        parser.parse()
+        if ok:
+            parser.get_parsed_content("initialize#0")
+        else:
+            with pytest.raises(RuntimeError) as err:  # MONAI wraps the expression's error
+                parser.get_parsed_content("initialize#0")
+            cause = root_cause(err.value)
+            assert isinstance(cause, InvalidSettingError) and "--ratio=-1.0" in str(cause), cause
