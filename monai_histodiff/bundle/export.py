@@ -41,6 +41,7 @@ __all__ = [
     "META_SCHEMA_URL",
     "META_SCHEMA_FILE",
     "HISTODIFFUSION_REFERENCE",
+    "install_note",
     "package_version",
     "new_bundle_folder",
     "export_bundle",
@@ -56,6 +57,18 @@ META_SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 )
 META_SCHEMA_FILE = Path(__file__).resolve().parent / "resources" / "meta_schema.json"
+def install_note() -> str:
+    """How a machine gets monai_histodiff (it is not on PyPI), for the READMEs of exported bundles; the wheel route
+    is what ``tests/test_packaging.py`` builds, installs and runs."""
+    from monai_histodiff import __version__
+
+    wheel = f"monai_histodiff-{__version__}-py3-none-any.whl"
+    return ("monai_histodiff is not on PyPI. In a checkout of its repository, `pip install .` installs it; or build a "
+            f"wheel there once with `pip wheel --no-deps --no-build-isolation -w dist .` (`dist/{wheel}`), copy it to "
+            f"the machine that runs this bundle and `pip install {wheel}` (install the torch build of that machine "
+            "first; pip brings MONAI, pytorch-ignite and the other dependencies)")
+
+
 HISTODIFFUSION_REFERENCE = (
     "Ye, J., Ni, H., Jin, P., Huang, S. X., Xue, Y.: Synthetic Augmentation with Large-Scale Unconditional "
     "Pre-training. MICCAI 2023, LNCS 14221, pp. 754-764. https://doi.org/10.1007/978-3-031-43895-0_71"
@@ -399,9 +412,9 @@ def _readme(name: str, meta: Mapping[str, Any], md: Mapping[str, Any], classes: 
     cfg = meta.get("config", {})
     class_rows = "\n".join(f"| {i} | {c} |" for i, c in enumerate(classes))
     needs = ("MONAI, PyTorch, pytorch-ignite and Pillow only (the network is MONAI's `ResNet`)." if backbone == "resnet"
-             else "MONAI, PyTorch, pytorch-ignite, Pillow **and monai_histodiff** (`pip install monai-histodiff`): "
-                  "the network is `monai_histodiff.networks.TileClassifier` wrapping MONAI's `ViT`, whose "
-                  "`(logits, hidden_states)` output MONAI's inferers cannot use directly.")
+             else "MONAI, PyTorch, pytorch-ignite, Pillow **and monai_histodiff**: the network is "
+                  "`monai_histodiff.networks.TileClassifier` wrapping MONAI's `ViT`, whose `(logits, hidden_states)` "
+                  f"output MONAI's inferers cannot use directly. {install_note()}.")
     training = json.dumps({k: v for k, v in cfg.items() if k != "network_args"}, indent=2, default=str)
     return f"""# {name}
 

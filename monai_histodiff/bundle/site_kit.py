@@ -117,6 +117,8 @@ def site_metadata(autoencoder_meta: Mapping[str, Any], image_size: int, version:
 
 
 def _readme(name: str, image_size: int, small: bool, models: str) -> str:
+    from monai_histodiff.bundle.export import install_note
+
     size_note = "the CPU size (bundles/small.json)" if small else "the paper's scale"
     run = "python -m monai.bundle run --config_file $BUNDLE/configs/{}.json --bundle_root $BUNDLE"
     site = "--dataset_dir $DATA --output_dir $RUNS"
@@ -129,8 +131,7 @@ classifier (Ye et al., MICCAI 2023). Research use only: not for clinical diagnos
 
 ## Install
 
-`pip install monai-histodiff` (it brings MONAI, PyTorch and pytorch-ignite; install the torch build of your machine
-first). {models}
+{install_note()}. {models}
 
 ## Run, in order
 
