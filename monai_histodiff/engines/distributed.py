@@ -25,6 +25,8 @@ __all__ = [
     "prepare_network",
     "make_sampler",
     "cleanup_distributed",
+    "barrier",
+    "all_ranks_agree",
 ]
 
 
@@ -57,6 +59,27 @@ def init_distributed(device: str = "auto") -> torch.device:
         torch.cuda.set_device(local)
         return torch.device(f"cuda:{local}")
     return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op when not running distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (``flag`` itself when not running distributed).
+
+    Ranks that decide something from files they each read (e.g. whether a cache is complete) call this so that all
+    of them take the same branch, and none waits at a barrier the others never reach.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    on_gpu = dist.get_backend() == "nccl"
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def cleanup_distributed() -> None:
