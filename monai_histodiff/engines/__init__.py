@@ -13,6 +13,11 @@ from monai_histodiff.engines.latent_cache import (  # noqa: E402
     LatentCache,
     encode_posteriors,
     get_or_create_latent_cache,
+    load_latent_cache,
+)
+from monai_histodiff.engines.sharded_latent_cache import (  # noqa: E402
+    ShardedLatentCache,
+    get_or_create_sharded_latent_cache,
 )
 from monai_histodiff.engines.prepare_batch import (  # noqa: E402
     ClassConditionalPrepareBatch,
@@ -31,6 +36,9 @@ __all__ += [
     "LatentCache",
     "encode_posteriors",
     "get_or_create_latent_cache",
+    "load_latent_cache",
+    "ShardedLatentCache",
+    "get_or_create_sharded_latent_cache",
     "LatentDiffusionPrepareBatch",
     "ClassConditionalPrepareBatch",
     "NoisyLatentClassificationPrepareBatch",
@@ -45,6 +53,8 @@ __all__ += [
 # --- stage 1 training: autoencoder trainer, losses, warm-up, device / DDP / sampler choices ---
 from monai_histodiff.engines.autoencoder import AutoencoderKLTrainer  # noqa: E402
 from monai_histodiff.engines.distributed import (  # noqa: E402
+    all_ranks_agree,
+    barrier,
     cleanup_distributed,
     get_rank,
     get_world_size,
@@ -91,6 +101,8 @@ from monai_histodiff.engines.locking import OutputLock  # noqa: E402
 __all__ += [
     "AutoencoderKLTrainer",
     "cleanup_distributed",
+    "barrier",
+    "all_ranks_agree",
     "get_rank",
     "get_world_size",
     "init_distributed",

@@ -18,6 +18,12 @@ each tile is fixed: it is computed once here (:func:`encode_posteriors`), stored
 checkpoint that made it (:class:`LatentCache`), and training draws a fresh ``z = mu + sigma * eps`` per step
 (:class:`~monai_histodiff.engines.prepare_batch.LatentDiffusionPrepareBatch`), which has exactly the distribution
 of ``AutoencoderKL.encode_stage_2_inputs``.
+
+Two storages, one entry point (:func:`get_or_create_latent_cache`): a path ending in ``.pt`` is a single-file
+:class:`LatentCache` (loaded whole; the format of caches written before the sharded one), any other path a folder of
+memory-mapped shards encoded by every rank of a run
+(:class:`~monai_histodiff.engines.sharded_latent_cache.ShardedLatentCache`, what the bundles use). Both give the same
+:class:`CachedLatentDataset` items.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch.utils.data import Dataset
 from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.validation import CorruptFileError
 from monai_histodiff.engines.distributed import unwrap_model
-from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, safe_torch_load
+from monai_histodiff.handlers.checkpoint import UnsafeCheckpointError, file_sha256, safe_torch_load
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -49,6 +55,7 @@ __all__ = [
     "LatentCache",
     "CachedLatentDataset",
     "get_or_create_latent_cache",
+    "load_latent_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -237,13 +244,16 @@ class LatentCache:
         return atomic_write(path, lambda p: torch.save(state, p))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expected_autoencoder_sha256: str | None = None) -> LatentCache:
+    def load(cls, path: str | os.PathLike, expected_autoencoder_sha256: str | None = None,
+             autoencoder_path: str | os.PathLike | None = None) -> LatentCache:
         """Read a cache written by :meth:`save`.
 
         Args:
             path: the cache file.
             expected_autoencoder_sha256: when given, the hash of the autoencoder checkpoint in use; a cache made with
-                another autoencoder (or with no recorded hash) raises ``ValueError``.
+                another autoencoder (or with no recorded hash) raises ``ValueError`` naming the cache and
+                ``autoencoder_path``.
+            autoencoder_path: the autoencoder checkpoint in use, named in that error.
 
         Raises:
             UnsafeCheckpointError: the file would need full unpickling to load (read with ``weights_only=True``).
@@ -257,8 +267,9 @@ class LatentCache:
             raise CorruptFileError(path, reader, remedy, "not a latent cache: no 'mu' / 'sigma' entries")
         stored = state.get("autoencoder_sha256")
         if expected_autoencoder_sha256 is not None and stored != expected_autoencoder_sha256:
+            in_use = f"the autoencoder in use{f', {autoencoder_path},' if autoencoder_path else ''}"
             raise ValueError(
-                f"latent cache {path} was made with autoencoder hash {stored} but the autoencoder in use has hash "
+                f"latent cache {path} was made with autoencoder hash {stored} but {in_use} has hash "
                 f"{expected_autoencoder_sha256}: delete the cache or point to the right autoencoder"
             )
         if state.get("count", state["mu"].shape[0]) != state["mu"].shape[0]:
@@ -286,7 +297,9 @@ class CachedLatentDataset(Dataset):
     :func:`~monai_histodiff.engines.scale_factor.compute_scale_factor` read in place of image batches.
 
     Args:
-        cache: the cache (or anything with ``mu``, ``sigma`` and ``labels`` attributes).
+        cache: the cache: a :class:`LatentCache` (or anything with ``mu``, ``sigma`` and ``labels`` attributes), or a
+            :class:`~monai_histodiff.engines.sharded_latent_cache.ShardedLatentCache` (anything with
+            ``read_item(index) -> (mu, sigma, label or None)`` and a length), read item by item.
         augment: apply one random element of the dihedral group (random horizontal flip followed by a random
             rotation by a multiple of 90 degrees) to ``mu`` and ``sigma`` together. This approximates encoding the
             flipped / rotated tile: the encoder is convolutional but not exactly equivariant (padding, strided
@@ -299,10 +312,16 @@ class CachedLatentDataset(Dataset):
         self.augment = augment
 
     def __len__(self) -> int:
+        if hasattr(self.cache, "read_item"):
+            return len(self.cache)
         return int(self.cache.mu.shape[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        mu, sigma = self.cache.mu[index], self.cache.sigma[index]
+        if hasattr(self.cache, "read_item"):
+            mu, sigma, label = self.cache.read_item(index)
+        else:
+            mu, sigma = self.cache.mu[index], self.cache.sigma[index]
+            label = None if self.cache.labels is None else int(self.cache.labels[index])
         if self.augment:
             if torch.rand(()) < 0.5:
                 mu, sigma = mu.flip(-1), sigma.flip(-1)
@@ -310,8 +329,8 @@ class CachedLatentDataset(Dataset):
             if k:
                 mu, sigma = torch.rot90(mu, k, (-2, -1)), torch.rot90(sigma, k, (-2, -1))
         item: dict[str, Any] = {LATENT_MU_KEY: mu.contiguous(), LATENT_SIGMA_KEY: sigma.contiguous()}
-        if self.cache.labels is not None:
-            item["label"] = int(self.cache.labels[index])
+        if label is not None:
+            item["label"] = label
         return item
 
 
@@ -324,28 +343,63 @@ def get_or_create_latent_cache(
     amp: bool = False,
     image_size: int | tuple[int, ...] | None = None,
     progress: bool = True,
-) -> LatentCache:
+    autoencoder_ckpt: str | os.PathLike | None = None,
+    datalist_digest: str | None = None,
+    shard_size: int | None = None,
+    dtype: str = "float32",
+) -> LatentCache | Any:
     """Load the cache at ``path`` when it exists and was made with this autoencoder, else encode and save it.
 
-    A cache whose recorded hash differs from ``autoencoder_sha256`` is rebuilt (and overwritten), never used; one that
-    would need full unpickling to load raises :class:`~monai_histodiff.handlers.UnsafeCheckpointError`. In a
-    multi-process run call this on one rank and let the others wait on a barrier, then load.
+    ``path`` ending in ``.pt``: a single-file :class:`LatentCache`, loaded whole. A cache whose recorded hash differs
+    from ``autoencoder_sha256`` is rebuilt (and overwritten) with a warning naming the cache and the autoencoder
+    checkpoint, never used; one that would need full unpickling to load raises
+    :class:`~monai_histodiff.handlers.UnsafeCheckpointError`. In a multi-process run call this on one rank and let the
+    others wait on a barrier, then load.
+
+    Any other ``path``: a folder of memory-mapped shards
+    (:func:`~monai_histodiff.engines.sharded_latent_cache.get_or_create_sharded_latent_cache`): call it on every
+    rank, which encode the shards between them; an interrupted encode resumes from its finished shards; a cache made
+    with another autoencoder is rebuilt with a warning naming the folder and the autoencoder checkpoint; a corrupt
+    shard is an error naming it. Returns a
+    :class:`~monai_histodiff.engines.sharded_latent_cache.ShardedLatentCache`.
 
     Args:
-        path: cache file.
+        path: cache file (``.pt``) or folder.
         autoencoder: the frozen first-stage model.
-        dataloader: non-augmenting loader over the tiles (see :func:`encode_posteriors`).
+        dataloader: non-augmenting loader over the tiles (see :func:`encode_posteriors`; for a folder, a DataLoader
+            whose dataset, batch size, workers and collate function are used shard by shard).
         device: device to encode on.
         autoencoder_sha256: hash of the autoencoder checkpoint (see :func:`monai_histodiff.handlers.file_sha256`);
-            ``None`` trusts any cache.
+            computed from ``autoencoder_ckpt`` when not given; ``None`` for both trusts any cache.
         amp: encode under autocast.
         image_size: tile size, recorded in the cache.
         progress: show a progress bar while encoding.
+        autoencoder_ckpt: the autoencoder checkpoint file, named in messages.
+        datalist_digest: folder only: digest of the listed tiles, recorded and checked (default: from the dataset).
+        shard_size: folder only: items per shard (default
+            :data:`~monai_histodiff.engines.sharded_latent_cache.DEFAULT_SHARD_SIZE`).
+        dtype: folder only: ``"float32"`` (default) or ``"float16"`` storage (measure before using float16).
     """
     path = Path(path)
+    if autoencoder_sha256 is None and autoencoder_ckpt is not None:
+        autoencoder_sha256 = file_sha256(autoencoder_ckpt)
+    if path.suffix != ".pt":
+        from monai_histodiff.engines.sharded_latent_cache import (
+            DEFAULT_SHARD_SIZE,
+            get_or_create_sharded_latent_cache,
+        )
+
+        return get_or_create_sharded_latent_cache(
+            path, autoencoder, dataloader, device, autoencoder_sha256=autoencoder_sha256, amp=amp,
+            image_size=image_size, progress=progress, autoencoder_ckpt=autoencoder_ckpt,
+            datalist_digest=datalist_digest, shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
+            dtype=dtype)
+    if dtype != "float32":
+        raise ValueError(f"a single-file latent cache ({path}) is stored as float32; dtype={dtype!r} needs a folder")
     if path.is_file():
         try:
-            return LatentCache.load(path, expected_autoencoder_sha256=autoencoder_sha256)
+            return LatentCache.load(path, expected_autoencoder_sha256=autoencoder_sha256,
+                                    autoencoder_path=autoencoder_ckpt)
         except UnsafeCheckpointError:  # code in a cache file is a fault to report, not a stale cache to replace
             raise
         except ValueError as e:  # made with another autoencoder (or unreadable): rebuild
@@ -354,3 +408,14 @@ def get_or_create_latent_cache(
     cache = LatentCache.from_posteriors(posteriors, autoencoder_sha256=autoencoder_sha256, image_size=image_size)
     cache.save(path)
     return cache
+
+
+def load_latent_cache(path: str | os.PathLike, expected_autoencoder_sha256: str | None = None,
+                      autoencoder_path: str | os.PathLike | None = None) -> LatentCache | Any:
+    """Read a cache that a stage wrote: a single ``.pt`` file (:meth:`LatentCache.load`) or a folder of shards
+    (:meth:`~monai_histodiff.engines.sharded_latent_cache.ShardedLatentCache.open`)."""
+    if Path(path).suffix == ".pt":
+        return LatentCache.load(path, expected_autoencoder_sha256, autoencoder_path)
+    from monai_histodiff.engines.sharded_latent_cache import ShardedLatentCache
+
+    return ShardedLatentCache.open(path, expected_autoencoder_sha256, autoencoder_path)
