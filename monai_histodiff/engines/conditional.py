@@ -29,6 +29,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from monai_histodiff.engines.latent_cache import LatentCache
+from monai_histodiff.engines.sharded_latent_cache import ShardedLatentCache
 from monai_histodiff.handlers.checkpoint import load_checkpoint, verify_parent
 
 __all__ = [
@@ -76,8 +77,13 @@ def conditional_from_pretrained(
     return model.to(device)
 
 
-def conditional_latent_cache(labeled: LatentCache, unlabeled: LatentCache | None, null_class: int) -> LatentCache:
+def conditional_latent_cache(labeled: LatentCache | ShardedLatentCache,
+                             unlabeled: LatentCache | ShardedLatentCache | None,
+                             null_class: int) -> LatentCache | ShardedLatentCache:
     """One cache of the labeled tiles' latents (their classes) and the unlabeled tiles' (class ``null_class``).
+
+    Two in-memory caches give an in-memory one; when either is sharded the result is a
+    :class:`ShardedLatentCache` over both (labeled items first), which copies nothing.
 
     Raises:
         ValueError: when the labeled cache has no labels, a class is out of ``[0, null_class)``, or the two caches
@@ -95,6 +101,8 @@ def conditional_latent_cache(labeled: LatentCache, unlabeled: LatentCache | None
     if None not in (labeled.autoencoder_sha256, unlabeled.autoencoder_sha256) and \
             labeled.autoencoder_sha256 != unlabeled.autoencoder_sha256:
         raise ValueError("the labeled and unlabeled latents come from different autoencoders")
+    if not (isinstance(labeled, LatentCache) and isinstance(unlabeled, LatentCache)):
+        return ShardedLatentCache.concatenate([labeled, unlabeled], constant_labels=[None, int(null_class)])
     labels = torch.cat([labeled.labels, torch.full((len(unlabeled),), int(null_class), dtype=torch.long)])
     return LatentCache(torch.cat([labeled.mu, unlabeled.mu]), torch.cat([labeled.sigma, unlabeled.sigma]), labels,
                        labeled.autoencoder_sha256, labeled.image_size)

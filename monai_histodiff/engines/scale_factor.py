@@ -12,8 +12,9 @@
 
 Latent diffusion (Rombach et al. 2022, which HistoDiffusion builds on) rescales the latents to unit variance before
 diffusion. MONAI's tutorials estimate the std from a single batch; here it is one global std over every value of
-several batches (or of a whole :class:`~monai_histodiff.engines.latent_cache.LatentCache`), which is a much less
-noisy estimate, so a rerun of the stage gives (nearly) the same factor.
+several batches (or of a whole :class:`~monai_histodiff.engines.latent_cache.LatentCache` or
+:class:`~monai_histodiff.engines.sharded_latent_cache.ShardedLatentCache`), which is a much less noisy estimate, so a
+rerun of the stage gives (nearly) the same factor.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from monai_histodiff.engines.distributed import unwrap_model
+from monai_histodiff.engines.distributed import get_rank, get_world_size, unwrap_model
 from monai_histodiff.engines.latent_cache import LatentCache
 from monai_histodiff.engines.prepare_batch import sample_latents
+from monai_histodiff.engines.sharded_latent_cache import ShardedLatentCache
 
 __all__ = ["RunningMoments", "compute_scale_factor"]
 
@@ -79,7 +81,7 @@ def _all_reduce_moments(moments: RunningMoments, device: torch.device) -> Runnin
 
 @torch.no_grad()
 def compute_scale_factor(
-    autoencoder: nn.Module | LatentCache | None,
+    autoencoder: nn.Module | LatentCache | ShardedLatentCache | None,
     dataloader: Iterable | None = None,
     num_batches: int | None = 50,
     device: str | torch.device = "cpu",
@@ -94,7 +96,9 @@ def compute_scale_factor(
 
     Args:
         autoencoder: the frozen first-stage model (put in eval mode for the pass, its mode restored after), or a
-            :class:`LatentCache`, whose whole content is then used (``dataloader`` and ``num_batches`` ignored).
+            :class:`LatentCache`, whose whole content is then used (``dataloader`` and ``num_batches`` ignored), or a
+            :class:`ShardedLatentCache`, whose whole content is used too, each rank of a distributed run reading its
+            contiguous share of the items (the statistics are combined).
             May be ``None`` when ``dataloader`` yields cached posteriors.
         dataloader: batches of images (``image_key``) or cached posteriors.
         num_batches: number of batches to use from the start of ``dataloader``; ``None`` for all of it. Use a
@@ -112,6 +116,11 @@ def compute_scale_factor(
         cache = autoencoder
         for start in range(0, len(cache), 1024):
             mu, sigma = cache.mu[start : start + 1024], cache.sigma[start : start + 1024]
+            moments.update(mu + sigma * torch.randn_like(sigma))
+    elif isinstance(autoencoder, ShardedLatentCache):
+        cache, rank, world = autoencoder, get_rank(), get_world_size()
+        start, stop = len(cache) * rank // world, len(cache) * (rank + 1) // world
+        for mu, sigma in cache.iter_posteriors(1024, start, stop):
             moments.update(mu + sigma * torch.randn_like(sigma))
     else:
         if dataloader is None:
