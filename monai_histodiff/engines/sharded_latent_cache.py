@@ -619,8 +619,10 @@ def encode_shards(
                 labels.append(label.reshape(-1).long().cpu())
             k = todo[position]
             if wanted[-1] == ranges[k][1] - 1:  # the shard is full: write it
+                written_by = {"rank": get_rank(), "world_size": get_world_size()}
                 records.append(_write_shard(folder, k, ranges[k][0], torch.cat(mus), torch.cat(sigmas),
-                                            torch.cat(labels) if has_labels else None, build, dict(extra or {})))
+                                            torch.cat(labels) if has_labels else None, build,
+                                            {**dict(extra or {}), **written_by}))
                 mus, sigmas, labels = [], [], []
                 position += 1
     finally:
