@@ -100,6 +100,7 @@ SETTING_RULES: dict[str, SettingRule] = {
     "label_per_class": _count(optional=True, note="None: use label_fraction"),
     "val_fraction": _fraction(high_open=True),
     "num_workers": _count(low=0),
+    "latent_cache_shard_size": _count(note="tiles per latent cache shard"),
     # training length and logging
     "max_epochs": _count(),
     "epoch_length": _count(optional=True, note="None: one pass over the data"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_histodiff.engines import load_autoencoder, load_diffusion
+from monai_histodiff.engines import ShardedLatentCache, load_autoencoder, load_diffusion
 from monai_histodiff.handlers import CheckpointMismatchError, ema_initial_weight, file_sha256, load_checkpoint
 from tests.bundles.conftest import FAST, SMALL, run_bundle
 
@@ -51,9 +51,9 @@ def test_diffusion_checkpoint_scale_factor_and_pairing(pretrained, tmp_path):
                            "initial_weight": ema_initial_weight(n, 1e-4)}
     assert n >= 2 and meta["ema"]["initial_weight"] < 0.02
     # scale factor = 1 / std of the latents the diffusion model trains on (posterior samples), over all batches
-    (cache_file,) = (pretrained / "pretrain_diffusion").glob("latent_cache_*.pt")  # named after its data
-    cache = torch.load(cache_file, weights_only=False)
-    mu, sigma = cache["mu"].double(), cache["sigma"].double()
+    (cache_dir,) = (pretrained / "pretrain_diffusion").glob("latent_cache_*")  # a folder of shards named after its data
+    cache = ShardedLatentCache.open(cache_dir, file_sha256(ae_path), check="sha256").in_memory()
+    mu, sigma = cache.mu.double(), cache.sigma.double()
     std = float(torch.sqrt(((mu**2) + sigma**2).mean() - mu.mean() ** 2))
     assert meta["scale_factor"] == pytest.approx(1.0 / std, rel=0.05)
     unet, loaded_meta = load_diffusion(diff_path, autoencoder_path=ae_path)
@@ -83,7 +83,7 @@ def test_diffusion_on_real_unlabeled_tiles_without_cache(pretrained, unlabeled_d
                max_epochs=1, epoch_length=2, batch_size=2, use_latent_cache=False, use_ema=False,
                scale_factor_batches=2, grid_inference_steps=2, num_grid_samples=2, **FAST)
     ckpt = load_checkpoint(tmp_path / "pretrain_diffusion" / "diffusion.pt")
-    assert "ema" not in ckpt["state"] and not list((tmp_path / "pretrain_diffusion").glob("latent_cache*.pt"))
+    assert "ema" not in ckpt["state"] and not list((tmp_path / "pretrain_diffusion").glob("latent_cache*"))
     assert np.isfinite(ckpt["meta"]["scale_factor"]) and ckpt["meta"]["config"]["use_latent_cache"] is False
 
 

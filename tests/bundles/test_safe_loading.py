@@ -98,19 +98,32 @@ def test_bundle_refuses_crafted_autoencoder(toy_unlabeled, tmp_path):
 
 
 def test_bundle_refuses_crafted_latent_cache(pretrained, toy_unlabeled, tmp_path):
+    """The stage's cache folder (copied from a real run, so it matches the listing and the autoencoder) with one shard
+    replaced by an object array whose unpickling writes the marker: refused naming the shard, never unpickled."""
+    import json
+
+    import numpy as np
+
     from monai_histodiff.data import items_digest, prepare_unlabeled
 
     runs = tmp_path / "runs"
     (runs / "pretrain_autoencoder").mkdir(parents=True)
     shutil.copy(pretrained / "pretrain_autoencoder" / "autoencoder.pt", runs / "pretrain_autoencoder")
     items = prepare_unlabeled(str(toy_unlabeled), str(tmp_path / "unlabeled.json"))["unlabeled"]
-    cache = runs / "pretrain_diffusion" / f"latent_cache_{items_digest(items)}.pt"  # the name the stage reads
-    marker = _crafted_cache(cache)
+    name = f"latent_cache_{items_digest(items)}"  # the folder the stage reads
+    cache = runs / "pretrain_diffusion" / name
+    shutil.copytree(pretrained / "pretrain_diffusion" / name, cache)
+    shard = cache / "shard_00000.mu.npy"
+    marker = cache / "MARKER_shard"
+    np.save(shard, np.array([_WritesMarker(marker)], dtype=object), allow_pickle=True)
+    index = json.loads((cache / "index.json").read_text())
+    index["shards"][0]["files"]["mu"]["bytes"] = shard.stat().st_size  # passes the size check, meets the header check
+    (cache / "index.json").write_text(json.dumps(index))
     out = _refused_run(["bundles/pretrain_diffusion.json", *SMALL], dataset_dir=str(toy_unlabeled),
                        output_dir=str(runs), num_workers=0, max_epochs=1, epoch_length=1, batch_size=4)
-    assert "UnsafeCheckpointError" in out and f"refused to load {cache}" in out and "latent cache" in out
+    assert "UnsafeCheckpointError" in out and f"refused to load {shard}" in out and "latent cache" in out
     assert not marker.exists()
-    assert cache.is_file()  # reported, not silently rebuilt over
+    assert shard.is_file()  # reported, not silently rebuilt over
 
 
 def test_bundle_refuses_crafted_last_checkpoint_on_resume(toy_unlabeled, tmp_path):
@@ -151,12 +164,19 @@ def test_bundles_refuse_each_crafted_model_checkpoint(toy_labeled_site, tmp_path
 
 def test_pretrained_outputs_hold_only_safe_values(pretrained):
     """Everything the pre-training stages wrote (checkpoints, last.pt, latent cache) loads with weights_only=True."""
+    import numpy as np
+
     files = sorted(pretrained.rglob("*.pt"))
     names = {f.name for f in files}
-    assert {"autoencoder.pt", "diffusion.pt", "last.pt"} <= names and any(n.startswith("latent_cache_") for n in names)
+    assert {"autoencoder.pt", "diffusion.pt", "last.pt"} <= names
     for f in files:
         assert torch.serialization.get_unsafe_globals_in_checkpoint(f) == [], f
         torch.load(f, weights_only=True)
+    (cache,) = [p for p in (pretrained / "pretrain_diffusion").glob("latent_cache_*") if p.is_dir()]
+    shards = sorted(cache.glob("*.npy"))
+    assert shards and (cache / "index.json").is_file()
+    for f in shards:  # the latent cache's shards: plain numbers, read without unpickling
+        assert not np.load(f, mmap_mode="r", allow_pickle=False).dtype.hasobject, f
 
 
 # --- through the Python loaders ------------------------------------------------------------------------------
