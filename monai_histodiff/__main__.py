@@ -68,10 +68,14 @@ def _cmd_unlabeled(a: argparse.Namespace) -> int:
 
 def _cmd_scan(a: argparse.Namespace) -> int:
     from monai_histodiff.data.datalist import list_images
-    from monai_histodiff.data.validation import scan_images
+    from monai_histodiff.data.validation import SCAN_RECORD_NAME, scan_images
 
     items = [{"image": f} for f in list_images(a.folder, extensions=(".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))]
-    _, bad = scan_images(items, policy="skip", report_dir=a.report_dir)
+    record = a.record
+    if record is None and a.report_dir:
+        record = os.path.join(a.report_dir, SCAN_RECORD_NAME)
+    _, bad = scan_images(items, policy="skip", report_dir=a.report_dir, num_workers=a.workers, record=record,
+                         progress=True)
     for b in bad:
         print(f"{b['image']}: {b['reason']}")
     print(f"{len(items) - len(bad)} readable, {len(bad)} bad of {len(items)} image files under {a.folder}")
@@ -239,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("folder")
     c.add_argument("--report_dir", default=None, help="write bad_files.json here")
     c.add_argument("--strict", action="store_true", help="exit 1 when a bad file is found")
+    c.add_argument("--workers", type=int, default=min(32, (os.cpu_count() or 1) + 4), help="decoding threads")
+    c.add_argument("--record", default=None,
+                   help="scan record (SQLite; default: scan_record.sqlite in --report_dir, none without it): files "
+                        "with a verdict there and the same size and modification time are not decoded again")
     c.set_defaults(func=_cmd_scan)
 
     e = sub.add_parser("experiment", help="the paper's Table 1 protocol: baseline, + random, + selective ratios")

@@ -60,6 +60,8 @@ from monai_histodiff.data.validation import (
     BadFilesError,
     CorruptFileError,
     check_class_images,
+    SCAN_RECORD_NAME,
+    ScanRecord,
     check_image,
     scan_images,
 )
@@ -124,4 +126,6 @@ __all__ = [
     "check_class_images",
     "check_image",
     "scan_images",
+    "ScanRecord",
+    "SCAN_RECORD_NAME",
 ]

@@ -1,8 +1,10 @@
 """Prepare the datalist files every stage reads: the labeled split and the unlabeled multi-source list.
 
 Both scan their inputs first (see :mod:`monai_histodiff.data.validation`), so a bad tile is reported up front and
-never reaches a training loop. The labeled split also reads the tiles' groups (a groups file, or byte-identical files
-found by hashing) so that no group is split across training, validation and test.
+never reaches a training loop. The scan decodes in a pool of threads with a progress bar and keeps its verdicts in
+``scan_record.sqlite`` beside the listing (or the record given), so a rerun over unchanged tiles decodes none again.
+The labeled split also reads the tiles' groups (a groups file, or byte-identical files found by hashing) so that no
+group is split across training, validation and test.
 """
 
 from __future__ import annotations
@@ -25,9 +27,18 @@ from monai_histodiff.data.datalist import (
 )
 from monai_histodiff.data.split import check_groups_disjoint, make_split
 from monai_histodiff.data.unlabeled import unlabeled_datalist
-from monai_histodiff.data.validation import BadFilesError, check_class_images, scan_images
+from monai_histodiff.data.validation import SCAN_RECORD_NAME, BadFilesError, check_class_images, scan_images
 
 __all__ = ["load_labeled", "prepare_labeled_split", "prepare_unlabeled", "ensure_split"]
+
+
+def _scan_options(listing: str | os.PathLike, scan_record: str | os.PathLike | None,
+                  scan_workers: int | None) -> dict[str, Any]:
+    """``scan_images`` keywords: the record (``"auto"``: ``scan_record.sqlite`` beside ``listing``; None: none), the
+    workers (default: as many threads as ``ThreadPoolExecutor`` would start) and a progress bar."""
+    record = Path(listing).parent / SCAN_RECORD_NAME if scan_record == "auto" else scan_record
+    workers = scan_workers if scan_workers is not None else min(32, (os.cpu_count() or 1) + 4)
+    return {"record": record, "num_workers": workers, "progress": True}
 
 
 def load_labeled(
@@ -58,6 +69,8 @@ def prepare_labeled_split(
     class_names: Sequence[str] | None = None,
     bad_files: str = "skip",
     groups_file: str | os.PathLike | None = None,
+    scan_record: str | os.PathLike | None = "auto",
+    scan_workers: int | None = None,
 ) -> dict[str, Any]:
     """Scan a labeled dataset, draw the stratified low-label split by groups, and write it with the class map beside it.
 
@@ -69,6 +82,9 @@ def prepare_labeled_split(
     ``test_per_class`` caps the test set per class; the labeled tiles in none of training / validation / test are
     recorded as ``pool`` (whole groups; only the judge reads it, see :mod:`monai_histodiff.metrics.judge`).
 
+    The scan's verdicts are kept in ``scan_record`` (``"auto"``: ``scan_record.sqlite`` beside ``output``; None: no
+    record), decoded by ``scan_workers`` threads (default: CPUs + 4, at most 32).
+
     Writes ``output`` (the split datalist, each item with its ``group`` when it has one), ``classes.json`` and, when
     bad files were found, ``bad_files.json`` in the same folder. Returns the split with extra ``bad_files``,
     ``groups_file`` (the file used, or None) and ``duplicate_sets`` (number of sets of identical files) entries.
@@ -77,12 +93,13 @@ def prepare_labeled_split(
     if Path(dataset).is_dir():
         groups_file = find_groups_file(dataset, groups_file)
     items, classes = load_labeled(dataset, class_names, groups_file=groups_file)
-    items, bad = scan_images(items, policy=bad_files, report_dir=out_dir)
+    scan = _scan_options(output, scan_record, scan_workers)
+    items, bad = scan_images(items, policy=bad_files, report_dir=out_dir, **scan)
     check_class_images(items, classes, dataset, bad)
     test_items = None
     if test_dataset is not None:
         test_items, _ = load_labeled(test_dataset, classes)
-        test_items, bad_test = scan_images(test_items, policy=bad_files, report_dir=out_dir)
+        test_items, bad_test = scan_images(test_items, policy=bad_files, report_dir=out_dir, **scan)
         bad += bad_test
     duplicates = group_duplicate_files([*items, *(test_items or [])])  # hashes only the tiles without a group
     split = make_split(
@@ -104,6 +121,8 @@ def prepare_unlabeled(
     weights: Mapping[str, float] | Sequence[float] | str | None = "equal",
     bad_files: str = "skip",
     slides: Mapping[str, Any] | None = None,
+    scan_record: str | os.PathLike | None = "auto",
+    scan_workers: int | None = None,
 ) -> dict[str, Any]:
     """Scan M unlabeled sources and write the pre-training datalist (``unlabeled`` list with sample weights).
 
@@ -113,6 +132,10 @@ def prepare_unlabeled(
     ``min_tissue``, ``tissue_threshold``, ``backend``, ``mpp_override``), streamed from the slide during training;
     the tissue masks go to ``<output folder>/slide_masks/``. A slide that cannot be used is reported in
     ``bad_files.json`` with its reason, like a bad tile, and the run goes on with the others.
+
+    The tiles are scanned by ``scan_workers`` threads (default: CPUs + 4, at most 32) with a progress bar; the
+    verdicts are kept in ``scan_record`` (``"auto"``: ``scan_record.sqlite`` beside ``output``; None: no record), so a
+    rerun over unchanged tiles decodes none of them again.
     """
     from monai_histodiff.data.slides import SLIDE_EXTENSIONS, is_slide, slide_datalist
 
@@ -135,7 +158,7 @@ def prepare_unlabeled(
     tiles = [it for it in data["unlabeled"] if "location" not in it]
     if bad_files not in ("skip", "error"):
         raise ValueError(f"policy must be 'skip' or 'error', got {bad_files!r}")
-    good, bad = scan_images(tiles, policy="skip", report_dir=None)
+    good, bad = scan_images(tiles, policy="skip", report_dir=None, **_scan_options(output, scan_record, scan_workers))
     bad += planned["bad_slides"] if slide_files else []
     data["unlabeled"] = good + [it for it in data["unlabeled"] if "location" in it]
     for b in bad:  # keep per-source counts true to what will be read
@@ -167,6 +190,7 @@ def ensure_split(
     bad_files: str = "skip",
     groups_file: str | os.PathLike | None = None,
     test_per_class: int | None = None,
+    scan_record: str | os.PathLike | None = "auto",
 ) -> dict[str, Any]:
     """Load the split datalist, drawing it first from ``dataset_dir`` when the file does not exist yet.
 
@@ -174,7 +198,8 @@ def ensure_split(
     reruns) read the very same file. Image paths come back absolute. ``groups_file`` names each tile's group (see
     :func:`prepare_labeled_split`; default: ``groups.csv`` at the root of ``dataset_dir`` when present).
     ``test_per_class`` caps the test set per class; the labeled tiles it leaves out are recorded as the split's
-    ``pool``, which only the judge reads. The loaded split is checked with
+    ``pool``, which only the judge reads. ``scan_record`` keeps the bad-file scan's verdicts (see
+    :func:`prepare_labeled_split`). The loaded split is checked with
     :func:`~monai_histodiff.data.split.check_groups_disjoint` (pool included).
     """
     split_file = Path(split_file)
@@ -187,7 +212,7 @@ def ensure_split(
             fraction = 0.05
         prepare_labeled_split(dataset_dir, split_file, fraction=fraction, per_class=per_class,
                               val_fraction=val_fraction, seed=seed, test_dataset=test_dir, bad_files=bad_files,
-                              groups_file=groups_file, test_per_class=test_per_class)
+                              groups_file=groups_file, test_per_class=test_per_class, scan_record=scan_record)
     split = load_datalist(split_file)
     for key in ("classes", "training"):
         if not split.get(key):
