@@ -99,7 +99,8 @@ def _two_rank_worker(rank: int, folder: str, init_file: str, out_dir: str) -> No
             first = f"{type(e).__name__}: {e}"
         barrier()
         if rank == 0:
-            (out / "interrupted.json").write_text(json.dumps({"mtimes": _mtimes(folder), "index": (folder / "index.json").exists()}))
+            state = {"mtimes": _mtimes(folder), "index": (folder / "index.json").exists()}
+            (out / "interrupted.json").write_text(json.dumps(state))
         barrier()
         data = TileSet()
         cache = _make(folder, data)
