@@ -22,7 +22,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from monai_histodiff.engines.latent_cache import LatentCache
+from monai_histodiff.engines.latent_cache import load_latent_cache
 from monai_histodiff.engines.loading import diffusion_meta, load_diffusion
 from monai_histodiff.metrics.latent_check import check_unconditional_latents
 from monai_histodiff.schedulers.respaced import RespacedDDIMScheduler, RespacedDDPMScheduler
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = f"{a.run}/pretrain_diffusion/diffusion.pt"
     meta = diffusion_meta(ckpt)
     args = dict(meta["config"]["scheduler_args"])
-    cache = LatentCache.load(sorted(glob.glob(f"{a.run}/pretrain_diffusion/latent_cache_*.pt"))[0])
+    cache = load_latent_cache(sorted(glob.glob(f"{a.run}/pretrain_diffusion/latent_cache_*"))[0])  # folder or .pt
     z0 = cache.sample_latents(256, meta["scale_factor"], seed=3)
     train = DDPMScheduler(**args)
     unet = load_diffusion(ckpt, use_ema=True)[0].eval()
