@@ -258,6 +258,7 @@ def test_conditional_fine_tune_rows_with_classifier_free_guidance(toy_labeled_si
     assert report["judge"]["pool_conditional"]["conditional_accuracy"]["count"] > 0
     assert [(s["cfg_scale"], s["steps"]) for s in report["judge"]["sweep_conditional"]] == [(0.0, 2), (3.0, 2)]
     assert report["stage_seconds"]["finetune_conditional"] > 0  # its own wall time, reported
+    assert "generate_conditional_round0" in report["stage_seconds"]  # its pool's rounds logged under their own name
     check = report["guidance_check_conditional"]
     assert check["cfg_scale"] == 3.0 and check["guidance_scale"] == 0.0
     assert "Classifier-free guidance check" in (run_dir / "results.md").read_text()

@@ -482,7 +482,7 @@ def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list
     selective = [r for r in own if r.mode == "selective"]
     rounds = []
     while True:
-        stages(stage, log_name=f"{stage}_round{len(rounds)}", counts=counts,
+        stages(stage, log_name=f"{folder}_round{len(rounds)}", counts=counts,
                synthetic_dir=synthetic_dir.as_posix(), **generation)
         counts = _pool_sizes(synthetic_dir, classes, counts)  # a rerun finds the tiles of the earlier rounds too
         if not selective:
