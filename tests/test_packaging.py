@@ -87,7 +87,8 @@ def _dependency_paths() -> list[str]:
                sysconfig.get_paths()["platlib"]]
     out = []
     for folder in folders:
-        if folder and Path(folder).is_dir() and folder not in out and not Path(folder).resolve().is_relative_to(REPO):
+        # the checkout itself must not be on the path; a virtualenv inside it (.venv, as make creates) is fine
+        if folder and Path(folder).is_dir() and folder not in out and Path(folder).resolve() != REPO.resolve():
             out.append(folder)
     return out
 

@@ -26,7 +26,6 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -55,6 +54,7 @@ from monai_histodiff.data.transforms import to_uint8_image
 from monai_histodiff.data.validation import no_space_error
 from monai_histodiff.engines.distributed import unwrap_model
 from monai_histodiff.engines.locking import LOCK_NAME, OutputLock
+from monai_histodiff.handlers.image_grid import tile_mosaic
 from monai_histodiff.inferers.guided import ClassifierGuidedLatentDiffusionInferer
 from monai_histodiff.schedulers.per_sample import (
     PerSampleNoiseDDIMScheduler,
@@ -530,13 +530,7 @@ class TileGenerator:
                         tiles.append(np.asarray(img.convert("RGB")))
             if not tiles:
                 continue
-            h, w = tiles[0].shape[:2]
-            cols = math.ceil(math.sqrt(len(tiles)))
-            rows = math.ceil(len(tiles) / cols)
-            grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-            for k, tile in enumerate(tiles):
-                r, q = divmod(k, cols)
-                grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = tile[:h, :w]
+            grid = tile_mosaic(tiles)
             out = os.path.join(self.output_dir, "grids", f"{name}.png")
             atomic_write(out, lambda p, grid=grid: Image.fromarray(grid).save(p, format="PNG"))
             written.append(out)

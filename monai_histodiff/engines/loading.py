@@ -82,11 +82,12 @@ DIFFUSION_STAGES = ("pretrain_diffusion", "finetune_conditional")
 
 def _diffusion_checkpoint(path: str | os.PathLike, reader: str) -> dict[str, Any]:
     """A checkpoint of one of :data:`DIFFUSION_STAGES`, with an error naming the file and the stage otherwise."""
-    ckpt = load_checkpoint(path, reader=reader, remedy=f"delete it and rerun the stage that writes it ("
-                                                       f"{' or '.join(DIFFUSION_STAGES)})")
+    expected = " or ".join(f"'{s}'" for s in DIFFUSION_STAGES)
+    ckpt = load_checkpoint(path, reader=f"{reader}, expecting the output of stage {expected}",
+                           remedy=f"delete it and rerun the stage that writes it ({expected})")
     if ckpt["meta"].get("stage") not in DIFFUSION_STAGES:
-        raise ValueError(f"{path} was written by stage '{ckpt['meta'].get('stage')}', expected a diffusion model ("
-                         f"{' or '.join(DIFFUSION_STAGES)})")
+        raise ValueError(f"{path} was written by stage '{ckpt['meta'].get('stage')}', expected a diffusion model "
+                         f"(stage {expected})")
     return ckpt
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from monai_histodiff.handlers.ema import warn_if_unconverged
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
-__all__ = ["make_grid", "save_grid", "ImageGridHandler", "SampleGridHandler"]
+__all__ = ["make_grid", "tile_mosaic", "save_grid", "ImageGridHandler", "SampleGridHandler"]
 
 
 def _is_main_process() -> bool:
@@ -43,6 +44,19 @@ def make_grid(rows: Sequence[torch.Tensor], max_items: int = 8, pad: int = 2) ->
         for j in range(tiles.shape[0]):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y : y + h, x : x + w] = tiles[j, :3].permute(1, 2, 0).numpy()
+    return grid
+
+
+def tile_mosaic(tiles: Sequence[np.ndarray]) -> np.ndarray:
+    """Written ``[H, W, 3]`` uint8 tiles laid out edge to edge in a square-ish ``ceil(sqrt(n))``-column mosaic (the
+    class grids of generation); every tile is cropped to the first one's size."""
+    h, w = tiles[0].shape[:2]
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        r, q = divmod(k, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = tile[:h, :w]
     return grid
 
 

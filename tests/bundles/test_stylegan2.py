@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tests.bundles.test_settings_cli as settings_cli_tests
-import tests.engines.test_settings as settings_tests
+import tests.test_bundle_settings as settings_tests
 from monai_histodiff.data import load_datalist, tile_transforms
 from monai_histodiff.data.manifest import read_generation_manifest
 from monai_histodiff.handlers import file_sha256, load_checkpoint

@@ -416,17 +416,13 @@ class SynthesizeTilesInfer(BasicInferTask):
         sending it, so nothing is left behind)."""
         from PIL import Image
 
+        from monai_histodiff.handlers.image_grid import tile_mosaic
+
         tiles = []
         for f in files:
             with Image.open(f) as img:
                 tiles.append(np.asarray(img.convert("RGB")))
-        h, w = tiles[0].shape[:2]
-        cols = math.ceil(math.sqrt(len(tiles)))
-        rows = math.ceil(len(tiles) / cols)
-        grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-        for k, tile in enumerate(tiles):
-            r, q = divmod(k, cols)
-            grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = tile
+        grid = tile_mosaic(tiles)
         fd, preview = tempfile.mkstemp(prefix="histodiff_preview_", suffix=f"_{name}.png")
         os.close(fd)
         try:
