@@ -17,7 +17,9 @@ evaluated on the test split. What the runner guarantees, and reports, beyond run
 Generators: HistoDiffusion (the default) and the paper's comparison system, a class-conditional StyleGAN2 trained on
 the same labeled training split (``generators=("histodiffusion", "stylegan2")``); each gets its own pool, topped up
 the same way, and its own + random / + selective rows, selected by the same rule and trained under the same budget
-against the one shared baseline.
+against the one shared baseline. A third, ``conditional``, is the classifier-free guidance route (the pre-trained
+diffusion model fine-tuned at the site with the class as a condition, stage ``finetune_conditional``): its own pool,
+rows, guidance check and w sweep, never in place of the paper's method.
 
 Ablations of the paper's supplementary table run in ``<output_dir>/ablation_<name>/`` on the same split and judge:
 ``no_finetune`` (generate with the pre-trained decoder D instead of D') and ``no_pretrain`` (autoencoder and
@@ -62,7 +64,8 @@ __all__ = [
 
 METRICS = ("fd", "accuracy", "macro_f1", "macro_sensitivity", "macro_specificity")
 STAGES = ("pretrain_autoencoder", "pretrain_diffusion", "train_aux_classifier", "finetune", "train_latent_classifier",
-          "finetune_conditional", "generate", "train_stylegan2", "generate_stylegan2", "select", "train_downstream", "evaluate", "judge")
+          "finetune_conditional", "generate", "train_stylegan2", "generate_stylegan2", "select", "train_downstream",
+          "evaluate", "judge")
 #: the generators a run can compare: name -> (label in the table, generation stage, pool folder, row-folder prefix)
 GENERATORS = {
     "histodiffusion": ("HistoDiffusion", "generate", "generate", ""),

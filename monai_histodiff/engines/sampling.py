@@ -110,7 +110,8 @@ class ClassConditionalSampler(UnconditionalSampler):
         model = self.model()
         inferer = ClassifierGuidedLatentDiffusionInferer(self.scheduler,
                                                          scale_factor=resolve_scale_factor(self.scale_factor))
-        noise = torch.randn((self.num_per_class, *self.latent_shape), generator=torch.Generator().manual_seed(self.seed))
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((self.num_per_class, *self.latent_shape), generator=generator)
         noise = noise.repeat(self.num_classes, *([1] * len(self.latent_shape)))
         labels = torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
         with evaluating(model):

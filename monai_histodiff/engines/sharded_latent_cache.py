@@ -733,8 +733,8 @@ def get_or_create_sharded_latent_cache(
 
     Call it on every rank of a distributed run, with the same arguments (it synchronises the ranks), on a folder every
     rank sees (a shared file system across nodes, like the run's output folder: rank 0 indexes the shards the others
-    wrote, and stops naming the shards it cannot find otherwise); in a single process it encodes alone. A cache made with another autoencoder, for another datalist, tile size, dtype or shard
-    size is rebuilt with a warning naming the folder and both autoencoder checkpoints; a corrupt shard or index raises
+    wrote, and stops naming the shards it cannot find otherwise); in a single process it encodes alone. A cache made
+    with another autoencoder, for another datalist, tile size, dtype or shard size is rebuilt with a warning naming the folder and both autoencoder checkpoints; a corrupt shard or index raises
     :class:`~monai_histodiff.data.validation.CorruptFileError` naming it.
 
     Args:
