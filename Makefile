@@ -1,4 +1,6 @@
 # make demo : install into .venv, then run the pipeline on the default data
+# make demo-tissue : the same demo on real H&E tiles: TISSUE (default: the shared lung tiles), or with
+#                    DOWNLOAD=kather2016 the Kather 2016 texture set fetched from Zenodo (258 MB, checksum checked)
 # make test : install into .venv, then run the test suite
 # make test-monailabel : install MONAI Label into .venv-monailabel, then run tests/monailabel (the sample app)
 # A GPU site picks its own torch build, e.g.  make demo TORCH_SPEC="torch==2.8.0 --index-url <your index>"
@@ -10,7 +12,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-monailabel install clean
+TISSUE ?= ../shared/data/histology/lc25000_lung
+DOWNLOAD ?=
+
+.PHONY: demo demo-tissue test test-monailabel install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m monai_histodiff demo --output_dir demo_output
+
+demo-tissue: $(STAMP)
+	$(PY) -m monai_histodiff demo --output_dir demo_tissue_output \
+		$(if $(DOWNLOAD),--download $(DOWNLOAD) --data_root data,--dataset_dir $(TISSUE))
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -53,4 +62,4 @@ test-monailabel: $(ML_STAMP)
 	$(ML_PY) -m pytest tests/monailabel tests/data/test_transforms.py $(PYTEST_ARGS)  # the venv has ITK: also checks the ITK reader
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output demo_tissue_output .pytest_cache

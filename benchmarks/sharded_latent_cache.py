@@ -1,6 +1,6 @@
 """The sharded latent cache and the bad-file scan at scale: what to measure before calling them paper-ready.
 
-Prepared with the sharded cache (issue: paper scale without a paper-scale machine); NOT RUN YET. Each subcommand
+Prepared with the sharded cache (issue: paper scale without a paper-scale machine). Each subcommand
 writes ``benchmarks/results/sharded_latent_cache_<command>.json`` (date, versions, CPUs, threads, load average) and
 prints a one-line summary. Run from the repository root with the project's environment.
 
@@ -25,6 +25,21 @@ Subcommands:
     made in memory (no decoding: the encoder's throughput alone; add ``--png_dir`` to read real tiles). Per rank:
     shards, tiles/s, seconds encoding, seconds waiting at the barrier after its last shard (the imbalance between
     ranks); rank 0: the wall time to a finished index. Compare G = 1, 2, 4, 8, and ``--dtype float16``.
+
+``train --items 10000 100000 1000000 [--world 2] [--steps 40] [--batch_size 4] [--real_up_to 100000]``
+    Memory and step time of distributed training against the number of cached tiles: for each count a cache of
+    paper-shaped posteriors (3x64x64 float32) is made, then ``--world`` ranks (gloo, spawned processes) each open it,
+    draw batches through a ``DistributedSampler`` and ``CachedLatentDataset`` as ``pretrain_diffusion`` does, and
+    train a DDP diffusion UNet (``bundles/small.json``'s, on the paper's latent shape) for ``--steps`` steps. Per rank:
+    the resident set after opening the cache and at the end (``RssAnon``: the process's own memory; ``RssFile``: file
+    pages mapped), its peak (``VmHWM``), and the median step time. Counts up to ``--real_up_to`` are written with
+    random values by the module's shard writer; larger ones are sparse files (a ``.npy`` header, then a hole that reads
+    as zeros, records without sha256) that exercise the index, the sampler and the reads but not the disk.
+    ``--compare_in_memory 10000 30000`` adds the single-file cache's path (every rank holds the whole cache).
+
+    ``--drop_shards K`` on a finished folder measures a resume: the index and the last K shards are deleted (an
+    encode interrupted there), then the rerun's wall time is compared with the first run's (it should encode only the
+    K shards; the finished ones are checked by size and header, not read).
 
 ``fp16 FOLDER32 FOLDER16``
     What float16 storage changes: max / mean absolute and relative error of mu and sigma per item against the float32
@@ -246,8 +261,20 @@ def cmd_encode(a: argparse.Namespace) -> dict[str, Any] | None:
     data = DataLoader(_Tiles(a.items, sizes["image_size"], a.png_dir), batch_size=a.batch_size,
                       num_workers=a.num_workers)
     folder = Path(a.folder)  # the same folder on every rank
+    dropped = []
     if (folder / sharded.INDEX_NAME).exists():
-        raise SystemExit(f"{folder} already holds a finished cache: give a new folder (nothing would be encoded)")
+        if not a.drop_shards:
+            raise SystemExit(f"{folder} already holds a finished cache: give a new folder, or --drop_shards K to "
+                             f"measure a resume")
+        barrier()
+        if get_rank() == 0:  # an interrupted encode: no index, the last K shards never written
+            count = len(sharded.shard_ranges(a.items, a.shard_size))
+            dropped = list(range(count - a.drop_shards, count))
+            (folder / sharded.INDEX_NAME).unlink()
+            for k in dropped:
+                for f in folder.glob(f"{sharded.shard_name(k)}.*"):
+                    f.unlink()
+        barrier()
     shard_done: list[float] = []
     real_write = sharded._write_shard
 
@@ -275,11 +302,192 @@ def cmd_encode(a: argparse.Namespace) -> dict[str, Any] | None:
     if get_rank() != 0:
         return None
     result = {"items": a.items, "sizes": a.sizes, "shard_size": a.shard_size, "dtype": a.dtype, "amp": a.amp,
+              "resumed_with_shards_missing": len(dropped) if dropped else None,
               "world_size": get_world_size(), "device": str(device), "png_dir": a.png_dir, "wall_s": end - start,
               "tiles_per_s": a.items / (end - start), "folder_bytes": _folder_bytes(folder), "ranks": rows}
     print(f"encode: {a.items} tiles on {get_world_size()} rank(s): {end - start:.1f} s "
           f"({result['tiles_per_s']:.0f} tiles/s); barrier waits {[round(r['wait_s'], 1) for r in rows]} s")
     return result
+
+
+# --- train (2 gloo ranks) ------------------------------------------------------------------------------------------
+
+
+def _status(fields: tuple[str, ...] = ("VmHWM", "VmRSS", "RssAnon", "RssFile")) -> dict[str, float]:
+    """The process's memory in MiB from ``/proc/self/status``."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            field, _, rest = line.partition(":")
+            if field in fields:
+                out[field] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def _sparse_cache(folder: Path, items: int, shape: tuple[int, ...], shard_size: int) -> None:
+    """A cache folder of ``items`` posteriors whose arrays are holes (zeros) after a valid ``.npy`` header."""
+    from monai_histodiff.engines.sharded_latent_cache import (
+        _FORMAT, _FORMAT_VERSION, _write_index, _write_json, shard_name, shard_ranges)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    build = {"count": items, "shard_size": shard_size, "dtype": "float32", "autoencoder_sha256": "synthetic-sparse",
+             "datalist_digest": "synthetic-sparse", "image_size": None}
+    for k, (start, stop) in enumerate(shard_ranges(items, shard_size)):
+        n, name, files = stop - start, shard_name(k), {}
+        for key in ("mu", "sigma"):
+            path = folder / f"{name}.{key}.npy"
+            with open(path, "wb") as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                        "shape": (n, *shape)})
+                f.truncate(f.tell() + n * int(np.prod(shape)) * 4)
+            files[key] = {"file": path.name, "bytes": path.stat().st_size, "sha256": "not computed (sparse)"}
+        values = n * int(np.prod(shape))
+        _write_json(folder / f"{name}.json", {
+            "format": _FORMAT, "format_version": _FORMAT_VERSION, "name": name, "shard": k, "start": start,
+            "count": n, "latent_shape": list(shape), "files": files, "build": build, "rank": 0, "world_size": 1,
+            "stats": {"values": values, "mu_mean": 0.0, "mu_m2": float(values), "sigma_sum": 0.1 * values,
+                      "sigma_sq_sum": 0.01 * values}})
+    _write_index(folder, build, {"autoencoder_ckpt": None, "synthetic": "sparse"})
+
+
+def _train_rank(rank: int, world: int, folder: str, in_memory: bool, a: argparse.Namespace, port: int,
+                queue) -> None:
+    import torch.distributed as dist
+    from monai.networks.nets import DiffusionModelUNet
+    from monai.networks.schedulers import DDPMScheduler
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from monai_histodiff.engines import ShardedLatentCache
+    from monai_histodiff.engines.latent_cache import LATENT_MU_KEY, LATENT_SIGMA_KEY
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    start_mem = _status()
+    t = time.perf_counter()
+    cache = ShardedLatentCache.open(folder)
+    if in_memory:  # the single-file path: every rank holds the whole cache
+        cache = cache.in_memory()
+    open_s = time.perf_counter() - t
+    opened = _status()
+    dataset = cache.dataset(augment=True)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(dataset, batch_size=a.batch_size, sampler=sampler, num_workers=0, drop_last=True)
+    torch.manual_seed(0)
+    unet = DistributedDataParallel(DiffusionModelUNet(**_latent_unet_args(a.unet_sizes, cache.latent_shape)))
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    times, it = [], iter(loader)
+    for step in range(a.warmup + a.steps):
+        t = time.perf_counter()
+        batch = next(it)
+        mu, sigma = batch[LATENT_MU_KEY], batch[LATENT_SIGMA_KEY]
+        z = mu + sigma * torch.randn_like(mu)
+        noise = torch.randn_like(z)
+        timesteps = torch.randint(0, 1000, (z.shape[0],))
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(z, noise, timesteps), timesteps), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t)
+    end = _status()
+    queue.put({"rank": rank, "open_s": open_s, "memory_mib": {"start": start_mem, "opened": opened, "end": end},
+               "step_ms_median": 1000 * statistics.median(times), "step_ms": [round(1000 * x, 1) for x in times],
+               "epoch_batches": len(loader)})
+    dist.destroy_process_group()
+
+
+def _latent_unet_args(sizes: str, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+    try:
+        from guided_sampling import sizes_of
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from guided_sampling import sizes_of
+    args = dict(sizes_of(sizes)["diffusion_args"])
+    args.update(in_channels=latent_shape[0], out_channels=latent_shape[0])
+    return args
+
+
+def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    root = Path(a.scratch)
+    shape = _latent_shape("paper")
+    rows = []
+    runs = [(n, False) for n in a.items] + [(n, True) for n in a.compare_in_memory]
+    for n, in_memory in sorted(runs, key=lambda r: (r[1], r[0])):
+        folder = root / f"train_cache_{n}"
+        if not (folder / "index.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            t = time.perf_counter()
+            if n <= a.real_up_to:
+                cmd_synth(argparse.Namespace(folder=str(folder), items=n, sizes="paper", dtype="float32",
+                                             shard_size=a.shard_size, labels=False, seed=0))
+            else:
+                _sparse_cache(folder, n, shape, a.shard_size)
+            print(f"train: made the {n}-item cache in {time.perf_counter() - t:.0f} s")
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        port = 29500 + len(rows) + random.randrange(1000)
+        jobs = [ctx.Process(target=_train_rank, args=(r, a.world, str(folder), in_memory, a, port, queue))
+                for r in range(a.world)]
+        for j in jobs:
+            j.start()
+        ranks = sorted((queue.get(timeout=3600) for _ in jobs), key=lambda r: r["rank"])
+        for j in jobs:
+            j.join()
+        row = {"items": n, "path": "in-memory (single file)" if in_memory else "sharded", "world": a.world,
+               "content": "random" if n <= a.real_up_to else "sparse (zeros)",
+               "folder_bytes": _folder_bytes(folder), "ranks": ranks}
+        rows.append(row)
+        peak = max(r["memory_mib"]["end"]["VmHWM"] for r in ranks)
+        anon = max(r["memory_mib"]["end"]["RssAnon"] for r in ranks)
+        step = statistics.median(r["step_ms_median"] for r in ranks)
+        print(f"train: {n:>9,d} items, {row['path']:>23s}: peak RSS per rank {peak:.0f} MiB, RssAnon {anon:.0f} MiB, "
+              f"step {step:.0f} ms")
+        if a.cleanup and n > a.keep_up_to:
+            shutil.rmtree(folder, ignore_errors=True)
+    result = {"latent_shape": list(shape), "unet_sizes": a.unet_sizes, "batch_size": a.batch_size,
+              "steps": a.steps, "warmup": a.warmup, "rows": rows}
+    if a.plot:
+        _plot_train(rows, Path(a.plot), f"{a.world} gloo ranks, batch {a.batch_size} per rank, "
+                                         f"UNet of bundles/{a.unet_sizes == 'small' and 'small.json' or 'common.json'}")
+        result["plot"] = a.plot
+    return result
+
+
+def _plot_train(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label in sorted({r["path"] for r in rows}):
+        sel = [r for r in rows if r["path"] == label]
+        x = [r["items"] for r in sel]
+        for field, style in (("VmHWM", "-o"), ("RssAnon", "--s")):
+            left.plot(x, [max(k["memory_mib"]["end"][field] for k in r["ranks"]) for r in sel], style,
+                      label=f"{label}: {'peak RSS' if field == 'VmHWM' else 'anonymous RSS'}")
+        right.plot(x, [statistics.median(k["step_ms_median"] for k in r["ranks"]) for r in sel], "-o", label=label)
+    for ax, ylabel in ((left, "MiB per rank (max over ranks)"), (right, "ms per training step (median)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("cached tiles (3x64x64 posteriors)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --- fp16 ----------------------------------------------------------------------------------------------------------
@@ -367,6 +575,22 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--amp", action="store_true")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--png_dir", default=None, help="read real tiles from here instead of random tensors")
+    e.add_argument("--drop_shards", type=int, default=0,
+                   help="on a finished cache: delete the index and the last K shards, then time the resume")
+    t = sub.add_parser("train")
+    t.add_argument("--scratch", required=True, help="folder for the caches (about 98 KB per random item)")
+    t.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    t.add_argument("--compare_in_memory", type=int, nargs="*", default=[])
+    t.add_argument("--real_up_to", type=int, default=100_000, help="larger caches are sparse files")
+    t.add_argument("--world", type=int, default=2)
+    t.add_argument("--steps", type=int, default=40)
+    t.add_argument("--warmup", type=int, default=5)
+    t.add_argument("--batch_size", type=int, default=4)
+    t.add_argument("--shard_size", type=int, default=2048)
+    t.add_argument("--unet_sizes", default="small", choices=("small", "paper"))
+    t.add_argument("--cleanup", action="store_true", help="delete each cache above --keep_up_to after its run")
+    t.add_argument("--keep_up_to", type=int, default=10_000)
+    t.add_argument("--plot", default=None, help="PNG of memory and step time against the item count")
     f = sub.add_parser("fp16")
     f.add_argument("folder32")
     f.add_argument("folder16")
@@ -375,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--workers", type=int, nargs="+", default=[4, 16])
     c.add_argument("--executor", nargs="+", default=["thread", "process"], choices=("thread", "process"))
     a = p.parse_args(argv)
-    result = {"synth": cmd_synth, "read": cmd_read, "encode": cmd_encode, "fp16": cmd_fp16, "scan": cmd_scan}[
+    result = {"synth": cmd_synth, "read": cmd_read, "encode": cmd_encode, "train": cmd_train, "fp16": cmd_fp16,
+              "scan": cmd_scan}[
         a.command](a)
     if result is not None:
         _save(a.command, result, a.output)

@@ -21,7 +21,7 @@ def _cmd_download(a: argparse.Namespace) -> int:
     names = list(DATASETS) if a.dataset == ["all"] else a.dataset
     for name in names:
         print(f"{name}: {DATASETS[name]['description']}")
-        download_dataset(name, a.root, url=a.url, md5=a.md5)
+        download_dataset(name, a.root, url=a.url, md5=a.md5, sha256=a.sha256)
         print(f"  extracted under {a.root}")
     return 0
 
@@ -139,7 +139,8 @@ def _cmd_download_checkpoints(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from monai_histodiff.apps.demo import run_demo
 
-    return run_demo(a.output_dir, dataset_dir=a.dataset_dir, unlabeled_dir=a.unlabeled_dir)
+    return run_demo(a.output_dir, dataset_dir=a.dataset_dir, unlabeled_dir=a.unlabeled_dir, download=a.download,
+                    data_root=a.data_root)
 
 
 def _cmd_export_bundle(a: argparse.Namespace) -> int:
@@ -200,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from monai_histodiff.data.download import DATASETS
 
-    d = sub.add_parser("download", help="download NCT-CRC-HE-100K / CRC-VAL-HE-7K from Zenodo (record 1214456)")
+    d = sub.add_parser("download", help="download NCT-CRC-HE-100K / CRC-VAL-HE-7K (Zenodo record 1214456) or the "
+                                        "Kather 2016 texture set (record 53169)")
     d.add_argument("dataset", nargs="+", choices=[*DATASETS, "all"])
     d.add_argument("--root", required=True, help="destination folder")
     d.add_argument("--url", default=None, help="mirror or file:// archive instead of Zenodo")
-    d.add_argument("--md5", default=None, help="expected md5 (overrides the built-in one)")
+    d.add_argument("--md5", default=None, help="expected md5 (overrides the built-in one of an md5-pinned dataset)")
+    d.add_argument("--sha256", default=None, help="expected sha256 (overrides the built-in one of kather2016)")
     d.set_defaults(func=_cmd_download)
 
     t = sub.add_parser("toy-data", help="write the seeded synthetic toy tiles used by the demo")
@@ -314,10 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--large_files", default="large_files.yml", help="the list, relative to --bundle_path")
     dc.set_defaults(func=_cmd_download_checkpoints)
 
-    m = sub.add_parser("demo", help="run the pipeline on the default (toy) data or $HISTODIFF_DATA")
+    m = sub.add_parser("demo", help="run the pipeline on the default (toy) data, $HISTODIFF_DATA or a public H&E set "
+                                    "fetched on request")
     m.add_argument("--output_dir", default="demo_output")
     m.add_argument("--dataset_dir", default=None, help="labeled class-folder tree (default: $HISTODIFF_DATA or toy)")
-    m.add_argument("--unlabeled_dir", default=None, help="unlabeled sources parent (default: $HISTODIFF_UNLABELED)")
+    m.add_argument("--unlabeled_dir", default=None,
+                   help="pre-training sources (default: $HISTODIFF_UNLABELED; real data: the site's tiles outside the "
+                        "test groups)")
+    m.add_argument("--download", default=None, choices=sorted(DATASETS),
+                   help="fetch this public dataset into --data_root (checksum checked, once) and run on it, e.g. "
+                        "kather2016 (258 MB)")
+    m.add_argument("--data_root", default="data", help="where --download puts the dataset")
     m.set_defaults(func=_cmd_demo)
 
     e = sub.add_parser("export-bundle", help="export a downstream classifier checkpoint, or the pre-trained models "

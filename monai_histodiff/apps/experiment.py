@@ -951,8 +951,9 @@ def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.Pa
                        image_size: int, kept_datalist: str | os.PathLike | None = None, per_row: int = 8,
                        more: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]] = ()) -> Path:
     """PNG of real and synthetic tiles per class: for each class a row of real training tiles, a row of generated
-    tiles requested for that class and, with ``kept_datalist``, a row of the tiles selection kept; then the same
-    rows for each further ``(synthetic_dir, kept_datalist)`` of ``more`` (another generator, side by side)."""
+    tiles requested for that class and, with ``kept_datalist``, a row of the tiles selection kept and a row of those
+    it rejected (requested for the class, not kept); then the same rows for each further
+    ``(synthetic_dir, kept_datalist)`` of ``more`` (another generator, side by side)."""
     import torch
 
     from monai_histodiff.data.transforms import tile_transforms
@@ -979,4 +980,7 @@ def write_side_by_side(split_file: str | os.PathLike, synthetic_dir: str | os.Pa
             rows.append(tiles([it for it in generated if int(it["label"]) == c]))
             if kept is not None:
                 rows.append(tiles([it for it in kept if int(it["label"]) == c]))
+                taken = {os.path.abspath(it["image"]) for it in kept}
+                rows.append(tiles([it for it in generated if int(it["label"]) == c
+                                   and os.path.abspath(it["image"]) not in taken]))
     return save_grid(make_grid(rows, max_items=per_row), path)

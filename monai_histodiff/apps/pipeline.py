@@ -7,13 +7,13 @@ command line (printed before each stage), its output shown live and kept in a lo
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_histodiff.apps.launcher import run_command
 from monai_histodiff.bundle.configs import config_files
 from monai_histodiff.errors import PREFIX
 
@@ -61,7 +61,8 @@ def bundle_command(stage: str, small: bool = True, extra_configs: Sequence[str] 
 def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_configs: Sequence[str] = (),
               quiet: bool = False, nproc_per_node: int = 0, **overrides: Any) -> float:
     """Run one stage in the current folder (relative paths in ``overrides`` are the caller's), showing its output
-    live and keeping it in ``<log_dir>/<stage>.log``.
+    live and keeping it in ``<log_dir>/<stage>.log``. The command is the documented one; on Linux it is started
+    from the package's fork server (:mod:`monai_histodiff.apps.launcher`: no import time per stage).
 
     Returns the wall time in seconds; raises :class:`StageError` when the stage fails.
     """
@@ -73,16 +74,21 @@ def run_stage(stage: str, log_dir: str | os.PathLike, small: bool = True, extra_
     shown = " ".join(c if " " not in c and "[" not in c else f'"{c}"' for c in cmd[1:])
     print(f"\n[{tag}] python {shown}", flush=True)
     start = time.time()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
-            log.write(chunk)
-            if not quiet:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        code = proc.wait()
+    shown_bytes = 0
+
+    def show() -> None:  # the log's new bytes, live
+        nonlocal shown_bytes
+        if quiet or not log_path.is_file():
+            return
+        with open(log_path, "rb") as log:
+            log.seek(shown_bytes)
+            chunk = log.read()
+        if chunk:
+            shown_bytes += len(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+
+    code = run_command(cmd, log_path, env=dict(os.environ, PYTHONUNBUFFERED="1"), on_wait=show)
     seconds = time.time() - start
     if code != 0:
         lines = log_path.read_text(errors="replace").splitlines()

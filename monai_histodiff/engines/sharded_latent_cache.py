@@ -31,9 +31,14 @@ Why ``.npy`` files read with ``np.load(mmap_mode="r", allow_pickle=False)``:
 
 - no pickle: a shard loads without running anything from the file (an object array, the only way a ``.npy`` file can
   carry code, is refused), like the ``weights_only`` rule every other file of the package follows;
-- memory-mapped: a rank reads only the items it draws, so it never holds the whole cache, and the ranks on one node
-  share the pages through the operating system's page cache instead of each holding a private copy;
-- random access per item: item ``i`` of a shard is one slice of a flat file at a known offset;
+- random access per item: item ``i`` of a shard is one run of bytes of a flat file at a known offset (after the
+  header), so a rank reads only the items it draws and never holds the whole cache;
+- read by positional reads (``os.pread``) rather than through a memory map: the bytes land in the operating system's
+  page cache, which the ranks on one node share and the kernel reclaims, and in the one batch being built. A memory map
+  would count every page it touched (and the pages the kernel reads ahead around each fault) in the reader's resident
+  set, which then grows with the part of the cache an epoch has visited (measured: 1.39 GB after 1,200 random items of
+  a 1 GB cache, ``benchmarks/README.md``). Whole-array statistics of an old shard without recorded statistics still
+  use a memory map, once;
 - no extra dependency: numpy is already there (no zarr, HDF5 or LMDB to install and lock against concurrent readers).
 
 Encoding in parallel: every rank of a torchrun run calls :func:`get_or_create_sharded_latent_cache` with the same
@@ -183,6 +188,15 @@ def _check_file(folder: Path, shard: Mapping[str, Any], key: str, shape: tuple[i
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes of file ``fd`` from ``offset`` without moving a shared file position (``os.pread`` where the
+    platform has it; Windows seeks, which is safe because every process and part opens its own descriptor)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, size)
+
+
 class _Part:
     """A run of items of a cache: one shard (memory-mapped on first use) or arrays in memory."""
 
@@ -194,11 +208,48 @@ class _Part:
         self._stats = dict(stats) if stats is not None else None
         self.constant_label: int | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # a memory map is reopened by the process that unpickles (workers)
+    def __getstate__(self) -> dict[str, Any]:  # maps and files are reopened by the process that unpickles (workers)
         state = dict(self.__dict__)
         if self.paths:
             state["_mu"] = state["_sigma"] = state["_labels"] = None
+            state["_files"] = {}
         return state
+
+    def __del__(self) -> None:
+        for fd, _, _, _ in getattr(self, "_files", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def rows(self, key: str, a: int, b: int) -> np.ndarray:
+        """Items ``a .. b - 1`` of array ``key`` (``"mu"`` or ``"sigma"``) as a new array in the stored dtype.
+
+        A shard on disk is read with one positional read of the rows' bytes (nothing is mapped, so the reader's
+        resident memory is the rows it asked for); an in-memory part is sliced.
+        """
+        if key not in self.paths:
+            return np.array((self._mu if key == "mu" else self._sigma)[a:b])
+        files = self.__dict__.setdefault("_files", {})
+        if key not in files:
+            shape, dtype, offset = _npy_header(self.paths[key])
+            fd = os.open(self.paths[key], os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            files[key] = (fd, shape[1:], dtype, offset)
+        fd, item_shape, dtype, offset = files[key]
+        item_bytes = int(np.prod(item_shape, dtype=np.int64)) * dtype.itemsize
+        count = max(0, min(b, self.count) - a)
+        nbytes = count * item_bytes
+        buffer = bytearray(nbytes)
+        view, done = memoryview(buffer), 0
+        while done < nbytes:  # a positional read may return fewer bytes than asked
+            chunk = _pread(fd, nbytes - done, offset + a * item_bytes + done)
+            if not chunk:
+                raise CorruptFileError(self.paths[key], _READER, _shard_remedy(self.paths[key].parent,
+                                                                               self.paths[key].name.split(".")[0]),
+                                       f"ends before item {a + done // max(item_bytes, 1)}")
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        return np.frombuffer(buffer, dtype=dtype).reshape((count, *item_shape))
 
     def _open(self) -> None:
         self._mu = np.load(self.paths["mu"], mmap_mode="r", allow_pickle=False)
@@ -426,8 +477,8 @@ class ShardedLatentCache:
     def read_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         """``(mu, sigma, label)`` of item ``index``: float32 tensors ``[C, h, w]`` and the class index (or None)."""
         part, j = self._locate(int(index))
-        mu = torch.from_numpy(np.array(part.mu[j], dtype=np.float32))
-        sigma = torch.from_numpy(np.array(part.sigma[j], dtype=np.float32))
+        mu = torch.from_numpy(part.rows("mu", j, j + 1)[0].astype(np.float32, copy=False))
+        sigma = torch.from_numpy(part.rows("sigma", j, j + 1)[0].astype(np.float32, copy=False))
         return mu, sigma, part.label(j)
 
     def iter_posteriors(self, chunk: int = 1024, start: int = 0, stop: int | None = None
@@ -438,9 +489,9 @@ class ShardedLatentCache:
             lo, hi = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
             for a in range(lo, hi, chunk):
                 b = min(a + chunk, hi)
-                s = slice(a - self.offsets[k], b - self.offsets[k])
-                yield (torch.from_numpy(np.array(part.mu[s], dtype=np.float32)),
-                       torch.from_numpy(np.array(part.sigma[s], dtype=np.float32)))
+                i, j = a - self.offsets[k], b - self.offsets[k]
+                yield (torch.from_numpy(part.rows("mu", i, j).astype(np.float32, copy=False)),
+                       torch.from_numpy(part.rows("sigma", i, j).astype(np.float32, copy=False)))
 
     def posterior_signal_to_noise(self) -> float:
         """As :meth:`LatentCache.posterior_signal_to_noise`: the std of the posterior means over the mean posterior

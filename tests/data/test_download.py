@@ -51,8 +51,11 @@ def test_file_url_and_wrong_md5(tmp_path):
 
 
 def test_registry_points_at_zenodo_record():
-    assert set(dl.DATASETS) >= {"NCT-CRC-HE-100K", "CRC-VAL-HE-7K"}
-    assert all(d["url"].startswith(dl.ZENODO_RECORD + "/files/") for d in dl.DATASETS.values())
+    assert set(dl.DATASETS) >= {"NCT-CRC-HE-100K", "CRC-VAL-HE-7K", "kather2016"}
+    assert all(d["url"].startswith(dl.ZENODO_RECORD + "/files/") for k, d in dl.DATASETS.items() if k != "kather2016")
     assert dl.DATASETS["CRC-VAL-HE-7K"]["md5"] == "2fd1651b4f94ebd818ebf90ad2b6ce06"
+    kather = dl.DATASETS["kather2016"]  # record 53169; sha256 and size as TensorFlow Datasets pins them
+    assert kather["url"] == "https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip"
+    assert len(kather["sha256"]) == 64 and kather["bytes"] == 258_098_431
     with pytest.raises(ValueError, match="unknown dataset"):
         dl.download_dataset("nope", "/tmp")
