@@ -29,7 +29,8 @@ def _cmd_download(a: argparse.Namespace) -> int:
 def _cmd_toy_data(a: argparse.Namespace) -> int:
     from monai_histodiff.data.toy import TOY_NOTICE, make_toy_dataset
 
-    make_toy_dataset(a.output, num_per_class=a.num_per_class, image_size=a.image_size, num_classes=a.num_classes, seed=a.seed)
+    make_toy_dataset(a.output, num_per_class=a.num_per_class, image_size=a.image_size, num_classes=a.num_classes,
+                     seed=a.seed, confusion=a.confusion, zoom=a.zoom)
     print(f"wrote {a.num_classes} classes x {a.num_per_class} toy tiles ({a.image_size} px) to {a.output}")
     print(TOY_NOTICE)
     return 0
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image_size", type=int, default=64)
     t.add_argument("--num_classes", type=int, default=4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--confusion", type=float, default=0.0,
+                   help="share of tiles drawn on another class's background (make demo: 0.2)")
+    t.add_argument("--zoom", type=int, default=1, help="draw structures this many times larger (make demo: 2)")
     t.set_defaults(func=_cmd_toy_data)
 
     s = sub.add_parser("split", help="scan a labeled dataset and write the stratified low-label split datalist")

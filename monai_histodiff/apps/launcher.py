@@ -5,8 +5,9 @@ processes, and each spends seconds importing torch, MONAI, ignite and this packa
 2-core machine that is minutes per run. :class:`StageLauncher` keeps one helper process (a fork server) that has
 imported them once; each stage is a fresh ``fork`` of it that runs ``python -m monai.bundle run ...`` from its command
 line exactly as the interpreter would (``runpy``, the same argument parsing, the package's excepthook, the same exit
-status), with its own working folder, environment and output files. The helper never runs a torch operation, so no
-thread pool is forked.
+status), with its own working folder, environment and output files. The helper never runs a torch operation (no
+OpenMP pool exists when it forks); the only threads it has are those of numpy's OpenBLAS pool, which OpenBLAS
+re-creates after a fork, as in PyTorch's forked data-loading workers.
 
 Linux only (macOS and Windows start a plain process per stage); ``MONAI_HISTODIFF_LAUNCHER=subprocess`` turns it off.
 torchrun commands always start their own processes.
@@ -18,6 +19,7 @@ import atexit
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -55,17 +57,20 @@ class StageLauncher:
 
     Args:
         preload: modules the helper imports before its first fork.
+        env: the helper's environment (default: the caller's), e.g. a ``PYTHONPATH`` that selects which installed copy
+            of the package the stages import; each run still gets the environment it asks for.
     """
 
-    def __init__(self, preload: Sequence[str] = PRELOAD) -> None:
+    def __init__(self, preload: Sequence[str] = PRELOAD, env: Mapping[str, str] | None = None) -> None:
         self.preload = tuple(preload)
+        self.env = dict(env) if env is not None else None
         self._proc: subprocess.Popen | None = None
         self._buffer = b""
         self._lock = threading.Lock()
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env = dict(self.env if self.env is not None else os.environ, PYTHONUNBUFFERED="1")
             self._proc = subprocess.Popen([sys.executable, "-m", __name__, *self.preload], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, env=env, bufsize=0)
             self._buffer = b""
@@ -133,17 +138,21 @@ class StageLauncher:
                         on_wait()
                     if deadline is not None and time.monotonic() > deadline:
                         raise subprocess.TimeoutExpired(list(cmd), timeout)  # type: ignore[arg-type]
-            except BaseException:  # timeout, Ctrl-C: the run must not outlive its caller
+            except BaseException as e:  # timeout, Ctrl-C: the run must not outlive its caller
+                if isinstance(e, KeyboardInterrupt):  # as Ctrl-C would have reached a plain process: let it stop
+                    _kill(int(started["pid"]), signal.SIGINT)
+                    for _ in range(50):
+                        if self._message(0.2) is not None:
+                            break
                 _kill(int(started["pid"]))
                 self.close()
                 raise
 
 
-def _kill(pid: int) -> None:
-    import signal
-
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to the process group of a run (its own session: the stage and its data-loading workers)."""
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -210,6 +219,7 @@ def _child(request: Mapping[str, Any]) -> None:
 
     code = 1
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the helper ignores it; a stage does not
         os.setsid()  # its own process group: a kill reaches the stage's own workers too
         out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         err = out if request["stderr"] is None else os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
@@ -264,9 +274,10 @@ def _serve(preload: Sequence[str]) -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle (it forwards it to the run)
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed by mistake goes to the caller's standard error, not into the protocol
-    protocol.write(json.dumps({"ready": True, "threads": threading.active_count()}) + "\n")
+    protocol.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()

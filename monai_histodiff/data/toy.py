@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def make_toy_dataset(
     num_classes: int = 4,
     seed: int = 0,
     confusion: float = 0.0,
+    zoom: int = 1,
+    classes: Sequence[str] | None = None,
 ) -> dict:
     """Write a class-folder tree ``output_dir/<CLASS>/<CLASS>_<i>.png`` of toy tiles and a README saying what they are.
 
@@ -109,28 +112,51 @@ def make_toy_dataset(
     Args:
         confusion: share of tiles drawn on the background of a random class (their own class shows only in their
             nuclei), so that a classifier trained on a few tiles is not already perfect; 0 keeps every class apart.
+        zoom: a higher magnification: draw each tile at ``image_size`` px, keep its central ``image_size // zoom``
+            px and enlarge them (bicubic) to ``image_size``, so every structure is ``zoom`` times larger (for an
+            autoencoder that keeps a 64 px tile's coarse structure only: ``make demo`` uses 2).
+        classes: names of :data:`TOY_CLASSES` to draw (default: the first ``num_classes``); a class's tiles are the
+            same whichever others are drawn with it (for the same ``confusion``).
     """
     if not 0.0 <= confusion <= 1.0:
         raise ValueError(f"confusion must be in [0, 1], got {confusion}")
+    names = [c.name for c in TOY_CLASSES]
+    if classes is not None:
+        unknown = [c for c in classes if c not in names]
+        if unknown or not classes or len(set(classes)) != len(classes):
+            raise ValueError(f"classes must be distinct names among {names}, got {list(classes)}")
+        num_classes = len(classes)
     if not 1 <= num_classes <= len(TOY_CLASSES):
         raise ValueError(f"num_classes must be in [1, {len(TOY_CLASSES)}], got {num_classes}")
+    chosen = [TOY_CLASSES[names.index(c)] for c in classes] if classes is not None else list(TOY_CLASSES[:num_classes])
     out = Path(output_dir)
     info = {"num_per_class": num_per_class, "image_size": image_size, "num_classes": num_classes, "seed": seed}
+    if classes is not None:
+        info["classes"] = list(classes)
+    if not (isinstance(zoom, int) and zoom >= 1 and image_size % zoom == 0):
+        raise ValueError(f"zoom must be a positive integer dividing image_size {image_size}, got {zoom!r}")
     if confusion:
         info["confusion"] = confusion
+    if zoom != 1:
+        info["zoom"] = zoom
     stamp = out / "toy_dataset.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == info:
         return info
-    for c, spec in enumerate(TOY_CLASSES[:num_classes]):
+    for spec in chosen:
         folder = out / spec.name
         folder.mkdir(parents=True, exist_ok=True)
+        c = TOY_CLASSES.index(spec)
         for i in range(num_per_class):
             rng = np.random.default_rng([seed, c, i])  # per-tile stream: tile i is the same whatever the count
             background = None
             if confusion and rng.random() < confusion:
-                background = TOY_CLASSES[int(rng.integers(num_classes))]
-            tile = render_toy_tile(spec, image_size, rng, background)
-            Image.fromarray(tile).save(folder / f"{spec.name}_{i:04d}.png")
+                background = chosen[int(rng.integers(num_classes))]
+            tile = Image.fromarray(render_toy_tile(spec, image_size, rng, background))
+            if zoom != 1:
+                lo = (image_size - image_size // zoom) // 2
+                tile = tile.crop((lo, lo, lo + image_size // zoom, lo + image_size // zoom)).resize(
+                    (image_size, image_size), Image.Resampling.BICUBIC)
+            tile.save(folder / f"{spec.name}_{i:04d}.png")
     (out / "README.txt").write_text(TOY_NOTICE + "\n", encoding="utf-8")
     stamp.write_text(json.dumps(info), encoding="utf-8")
     return info

@@ -21,7 +21,7 @@ of ``AutoencoderKL.encode_stage_2_inputs``.
 
 Two storages, one entry point (:func:`get_or_create_latent_cache`): a path ending in ``.pt`` is a single-file
 :class:`LatentCache` (loaded whole; the format of caches written before the sharded one), any other path a folder of
-memory-mapped shards encoded by every rank of a run
+shards encoded by every rank of a run and read item by item
 (:class:`~monai_histodiff.engines.sharded_latent_cache.ShardedLatentCache`, what the bundles use). Both give the same
 :class:`CachedLatentDataset` items.
 """
@@ -356,7 +356,7 @@ def get_or_create_latent_cache(
     :class:`~monai_histodiff.handlers.UnsafeCheckpointError`. In a multi-process run call this on one rank and let the
     others wait on a barrier, then load.
 
-    Any other ``path``: a folder of memory-mapped shards
+    Any other ``path``: a folder of shards read item by item
     (:func:`~monai_histodiff.engines.sharded_latent_cache.get_or_create_sharded_latent_cache`): call it on every
     rank, which encode the shards between them; an interrupted encode resumes from its finished shards; a cache made
     with another autoencoder is rebuilt with a warning naming the folder and the autoencoder checkpoint; a corrupt

@@ -27,7 +27,7 @@ Format (a folder, e.g. ``runs/pretrain_diffusion/latent_cache_<digest>/``)::
                              sha256, the latent shape and dtype, the sha256 of the autoencoder checkpoint, the tile
                              size, the digest of the datalist and the number of items
 
-Why ``.npy`` files read with ``np.load(mmap_mode="r", allow_pickle=False)``:
+Why ``.npy`` files (their headers read with ``np.lib.format``, never ``allow_pickle``):
 
 - no pickle: a shard loads without running anything from the file (an object array, the only way a ``.npy`` file can
   carry code, is refused), like the ``weights_only`` rule every other file of the package follows;
@@ -198,7 +198,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
 
 
 class _Part:
-    """A run of items of a cache: one shard (memory-mapped on first use) or arrays in memory."""
+    """A run of items of a cache: one shard (files opened on first use) or arrays in memory."""
 
     def __init__(self, count: int, mu: Any = None, sigma: Any = None, labels: Any = None,
                  paths: Mapping[str, Path] | None = None, stats: Mapping[str, float] | None = None) -> None:
@@ -251,22 +251,21 @@ class _Part:
             done += len(chunk)
         return np.frombuffer(buffer, dtype=dtype).reshape((count, *item_shape))
 
-    def _open(self) -> None:
-        self._mu = np.load(self.paths["mu"], mmap_mode="r", allow_pickle=False)
-        self._sigma = np.load(self.paths["sigma"], mmap_mode="r", allow_pickle=False)
-        if "labels" in self.paths:
-            self._labels = np.load(self.paths["labels"], mmap_mode="r", allow_pickle=False)
+    def _map(self, key: str) -> np.ndarray:
+        return np.load(self.paths[key], mmap_mode="r", allow_pickle=False)
 
     @property
     def mu(self) -> np.ndarray:
+        """The whole ``mu`` array (memory-mapped: for one pass over a shard, e.g. its statistics)."""
         if self._mu is None:
-            self._open()
+            self._mu = self._map("mu")
         return self._mu
 
     @property
     def sigma(self) -> np.ndarray:
+        """The whole ``sigma`` array (memory-mapped, as :attr:`mu`)."""
         if self._sigma is None:
-            self._open()
+            self._sigma = self._map("sigma")
         return self._sigma
 
     @property
@@ -277,14 +276,14 @@ class _Part:
         if self.constant_label is not None:
             return np.full(self.count, self.constant_label, dtype=np.int64)
         if "labels" in self.paths and self._labels is None:
-            self._open()
+            self._labels = self._map("labels")
         return None if self._labels is None else np.asarray(self._labels, dtype=np.int64)
 
     def label(self, j: int) -> int | None:
         if self.constant_label is not None:
             return self.constant_label
         if "labels" in self.paths and self._labels is None:
-            self._open()
+            self._labels = self._map("labels")
         return None if self._labels is None else int(self._labels[j])
 
     def with_constant_label(self, label: int) -> _Part:
@@ -324,8 +323,8 @@ def _merge_moments(stats: Sequence[Mapping[str, float]]) -> tuple[int, float, fl
 
 
 class ShardedLatentCache:
-    """Posteriors ``(mu, sigma)`` of a set of tiles (and their labels, if any), read item by item from memory-mapped
-    shards: the same content and methods as :class:`~monai_histodiff.engines.latent_cache.LatentCache` without
+    """Posteriors ``(mu, sigma)`` of a set of tiles (and their labels, if any), read item by item from the shard
+    files: the same content and methods as :class:`~monai_histodiff.engines.latent_cache.LatentCache` without
     loading it whole (``mu`` / ``sigma`` tensors of the whole set are not attributes here: use :meth:`in_memory` for a
     small cache, e.g. validation latents).
 

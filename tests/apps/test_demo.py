@@ -54,7 +54,7 @@ def test_toy_data_and_the_site_archive_the_demo_pretrains_on(tmp_path):
     paths = demo.prepare_demo_data(tmp_path / "demo")
     assert paths["toy"]
     split = json.loads(Path(paths["split"]).read_text())
-    assert split["counts"]["training"] == [9] * demo.DEMO_CLASSES and split["counts"]["validation"] == [3] * 4
+    assert split["counts"]["training"] == [9] * demo.DEMO_CLASSES and split["counts"]["validation"] == [3] * demo.DEMO_CLASSES
     archive = sorted(Path(paths["unlabeled_dir"], "site_archive").rglob("*.png"))
     assert len(archive) == demo.DEMO_CLASSES * demo.DEMO_ARCHIVE_PER_CLASS
     labeled = {hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(paths["dataset_dir"]).rglob("*.png")}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from monai_histodiff.apps.launcher import StageLauncher, launcher_enabled
 from monai_histodiff.bundle.export import META_SCHEMA_FILE
 from monai_histodiff.handlers import CheckpointMismatchError, file_sha256, load_checkpoint
 from tests.bundles.conftest import FAST, REPO
@@ -33,8 +34,15 @@ def _install_non_editable(tmp: Path) -> Path:
     return site
 
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def _run(cmd: list[str], cwd: Path, env: dict, launcher: StageLauncher | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd``; a ``python -m monai.bundle`` command through ``launcher`` (forks of a helper that imported the
+    installed copy once) when one is given."""
+    if launcher is None or not launcher_enabled():
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    else:
+        out, err = cwd.parent / "stage.stdout", cwd.parent / "stage.stderr"
+        code = launcher.run(cmd, out, err, cwd=cwd, env=env, timeout=600)
+        proc = subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
     if proc.returncode != 0:
         raise AssertionError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n"
                              f"{proc.stderr[-5000:]}")
@@ -68,6 +76,7 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
           "--filepath", str(META_SCHEMA_FILE)], work, env)
 
     site = tmp_path / "site_runs"
+    launcher = StageLauncher(env=env)  # its helper imports the installed copy (PYTHONPATH), once for every stage
 
     def stage(name: str, **overrides) -> None:
         o = dict(dataset_dir=str(kather2016_dir), output_dir=str(site), label_per_class=4, val_fraction=0.25,
@@ -76,16 +85,19 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
                "--bundle_root", str(bundle)]
         for k, v in o.items():
             cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]
-        _run(cmd, work, env)
+        _run(cmd, work, env, launcher)
 
-    stage("train_aux_classifier", max_epochs=2, batch_size=8)
-    stage("finetune", max_epochs=1, batch_size=4)
-    stage("train_latent_classifier", max_epochs=2, batch_size=8)
-    stage("generate", ratio=1.0, num_inference_steps=4, batch_size=8)
-    stage("select", ratio=0.5, mode="random")
-    stage("train_downstream", datalist_file=str(site / "select" / "augmented_datalist.json"), max_epochs=1,
-          batch_size=8)
-    stage("evaluate")
+    try:
+        stage("train_aux_classifier", max_epochs=2, batch_size=8)
+        stage("finetune", max_epochs=1, batch_size=4)
+        stage("train_latent_classifier", max_epochs=2, batch_size=8)
+        stage("generate", ratio=1.0, num_inference_steps=4, batch_size=8)
+        stage("select", ratio=0.5, mode="random")
+        stage("train_downstream", datalist_file=str(site / "select" / "augmented_datalist.json"), max_epochs=1,
+              batch_size=8)
+        stage("evaluate")
+    finally:
+        launcher.close()
     assert sorted(p.name for p in work.iterdir()) == []  # nothing written in the working folder
 
     split = json.loads((site / "split.json").read_text())

@@ -52,3 +52,27 @@ def test_confusion_draws_tiles_on_other_classes_backgrounds(tmp_path):
     assert _nearest_colour_centroid_accuracy(tmp_path / "mixed") < _nearest_colour_centroid_accuracy(tmp_path / "plain")
     with pytest.raises(ValueError, match="confusion"):
         make_toy_dataset(tmp_path / "bad", num_per_class=1, confusion=1.5)
+
+
+def test_zoom_draws_the_same_structures_larger(tmp_path):
+    def edges(folder):  # mean absolute difference between neighbouring pixels: smaller when structures are larger
+        tiles = [np.asarray(Image.open(p), float) for p in sorted(folder.rglob("*.png"))]
+        return float(np.mean([np.abs(np.diff(t, axis=0)).mean() + np.abs(np.diff(t, axis=1)).mean() for t in tiles]))
+
+    make_toy_dataset(tmp_path / "x1", num_per_class=6, image_size=64, num_classes=4, seed=3)
+    make_toy_dataset(tmp_path / "x2", num_per_class=6, image_size=64, num_classes=4, seed=3, zoom=2)
+    make_toy_dataset(tmp_path / "again", num_per_class=6, image_size=64, num_classes=4, seed=3, zoom=2)
+    assert _digest(tmp_path / "x2") == _digest(tmp_path / "again") != _digest(tmp_path / "x1")
+    assert {Image.open(p).size for p in (tmp_path / "x2").rglob("*.png")} == {(64, 64)}
+    assert edges(tmp_path / "x2") < 0.7 * edges(tmp_path / "x1")
+    with pytest.raises(ValueError, match="zoom"):
+        make_toy_dataset(tmp_path / "bad", num_per_class=1, image_size=64, zoom=3)
+
+
+def test_classes_by_name_keep_each_class_s_tiles(tmp_path):
+    make_toy_dataset(tmp_path / "first", num_per_class=3, image_size=32, num_classes=4, seed=1)
+    make_toy_dataset(tmp_path / "named", num_per_class=3, image_size=32, seed=1, classes=("ADI_TOY", "MUC_TOY"))
+    assert sorted(p.name for p in (tmp_path / "named").iterdir() if p.is_dir()) == ["ADI_TOY", "MUC_TOY"]
+    assert _digest(tmp_path / "named" / "ADI_TOY") == _digest(tmp_path / "first" / "ADI_TOY")
+    with pytest.raises(ValueError, match="classes"):
+        make_toy_dataset(tmp_path / "bad", num_per_class=1, classes=("ADI_TOY", "NOPE"))

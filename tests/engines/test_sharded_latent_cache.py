@@ -270,6 +270,11 @@ def test_dataset_and_methods_match_the_in_memory_cache(tmp_path, reference):
             torch.testing.assert_close(x["latent_sigma"], y["latent_sigma"])
     batch = next(iter(DataLoader(pickle.loads(pickle.dumps(cache.dataset())), batch_size=8)))
     assert batch["latent_mu"].shape == (8, 3, 4, 4) and batch["latent_mu"].dtype == torch.float32
+    # items are read by offset: reading maps nothing (a map would keep every page it touched in the resident set)
+    assert all(part._mu is None and part._sigma is None for part in cache.parts)
+    chunks = list(cache.iter_posteriors(chunk=5, start=3, stop=40))
+    torch.testing.assert_close(torch.cat([c[0] for c in chunks]), reference.mu[3:40])
+    torch.testing.assert_close(torch.cat([c[1] for c in chunks]), reference.sigma[3:40])
     torch.testing.assert_close(cache.sample_latents(9, 0.7, seed=2), reference.sample_latents(9, 0.7, seed=2))
     assert cache.posterior_signal_to_noise() == pytest.approx(reference.posterior_signal_to_noise(), rel=1e-5)
     torch.manual_seed(0)
