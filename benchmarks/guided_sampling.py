@@ -36,7 +36,8 @@ decodes its latents with the same small ``AutoencoderKL`` at the end):
   and the scheduler stay float32); on CPU it is *slower* than float32 on CPUs without AMX/AVX512-BF16 (most CPUs):
   it is there for GPUs.
 
-Timing. Each variant lives in its own worker process (this script re-invoked with ``--worker VARIANT``), which builds
+Timing. Each variant lives in its own worker process (this script re-invoked with ``--worker VARIANT``; all are
+started at once, so their imports overlap, and each waits for its turn to warm up), which builds
 the networks, warms up (one sampling run of ``--warmup_steps`` steps: same shapes, so it also triggers and excludes
 ``torch.compile``'s compilation), then waits. The parent then asks the workers for one full timed sampling run each,
 in turn, for ``--reps`` rounds (the order rotated every round), so that machine load hits all variants alike; only
@@ -300,7 +301,9 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Build, warm up, then serve ``run`` / ``exit`` commands read from stdin (one per line)."""
+    """Wait for ``go``, then build, warm up, and serve ``run`` / ``exit`` commands read from stdin (one per line)."""
+    if sys.stdin.readline().strip() != "go":  # imports overlap with the other workers'; warm-ups do not
+        return
     device = torch.device(args.device)
     spec = parse_variant(args.worker)
     amp_dtype = torch.bfloat16  # the stage's amp_dtype "bfloat16" (on GPUs with bf16; float32 guidance math)
@@ -396,12 +399,10 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
             parse_variant(v)
         if "stock" not in variants:
             raise ValueError("--variants must include stock (the ratios are to it)")
-    workers = []
-    for v in variants:  # warm up one at a time, so compilations do not compete for the CPU
-        w = Worker(v, args)
-        ready = w.read()
-        print(f"{v}: warm-up {ready['warmup_s']:.1f} s", file=sys.stderr, flush=True)
-        workers.append(w)
+    workers = [Worker(v, args) for v in variants]  # every worker imports torch at once, then waits for "go"
+    for w in workers:  # warm up one at a time, so compilations (and GPU memory) do not compete
+        ready = w.send("go")
+        print(f"{w.variant}: warm-up {ready['warmup_s']:.1f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.reps):
         k = r % len(workers)
