@@ -97,11 +97,16 @@ def download_demo_data(name: str, root: str | os.PathLike) -> str:
     return str(folder)
 
 
-def stage_times(run_dir: str | os.PathLike) -> list[tuple[str, int, float]]:
-    """``(stage, runs, seconds)`` per stage from the run folder's ``commands.jsonl``, in order of first run."""
-    totals: dict[str, list[float]] = {}
+def _commands(run_dir: str | os.PathLike) -> list[str]:
     path = Path(run_dir) / "commands.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else ():
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def stage_times(run_dir: str | os.PathLike, skip: int = 0) -> list[tuple[str, int, float]]:
+    """``(stage, runs, seconds)`` per stage from the run folder's ``commands.jsonl`` (after its first ``skip`` lines:
+    the records of earlier runs in the same folder), in order of first run."""
+    totals: dict[str, list[float]] = {}
+    for line in _commands(run_dir)[skip:]:
         record = json.loads(line)
         totals.setdefault(record["stage"], []).append(float(record["seconds"]))
     return [(stage, len(s), sum(s)) for stage, s in totals.items()]
@@ -150,6 +155,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset_dir: str | N
                            unlabeled_dir=paths["unlabeled_dir"],
                            pretraining="sources" if paths["unlabeled_dir"] else "site",
                            stage_overrides=stage_overrides)
+    earlier = len(_commands(runs))  # a rerun in the same folder: time only this run's stages
     run_experiment(cfg)
     elapsed = time.time() - start
     print("\n" + "=" * 100)
@@ -159,7 +165,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset_dir: str | N
           f"run):")
     print((runs / "results.md").read_text())
     print("Wall time per stage (seconds, this run):")
-    print(format_stage_times(stage_times(runs), elapsed))
+    print(format_stage_times(stage_times(runs, skip=earlier), elapsed))
     print("\nOpen first:")
     print(f"  {runs / 'real_vs_synthetic.png'}\n    per class, top to bottom: real training tiles, generated tiles "
           f"requested for the class, the tiles selection kept for the largest selective row, and those it rejected")

@@ -118,8 +118,8 @@ class StageLauncher:
         if module is None:
             raise ValueError(f"the stage launcher runs 'python -m monai.bundle ...' commands only, got {list(cmd)}")
         request = {"module": module[0], "argv": module[1], "cwd": str(cwd or os.getcwd()),
-                   "env": dict(env if env is not None else os.environ), "stdout": str(stdout),
-                   "stderr": str(stderr) if stderr is not None else None}
+                   "env": dict(env if env is not None else os.environ), "stdout": os.path.abspath(stdout),
+                   "stderr": os.path.abspath(stderr) if stderr is not None else None}  # the helper's cwd is not ours
         with self._lock:
             proc = self._start()
             proc.stdin.write((json.dumps(request) + "\n").encode())  # type: ignore[union-attr]

@@ -189,8 +189,8 @@ def _check_file(folder: Path, shard: Mapping[str, Any], key: str, shape: tuple[i
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
-    """``size`` bytes of file ``fd`` from ``offset`` without moving a shared file position (``os.pread`` where the
-    platform has it; Windows seeks, which is safe because every process and part opens its own descriptor)."""
+    """``size`` bytes of file ``fd`` from ``offset`` (``os.pread`` where the platform has it; Windows seeks, which is
+    safe because every read opens its own descriptor)."""
     if hasattr(os, "pread"):
         return os.pread(fd, size, offset)
     os.lseek(fd, offset, os.SEEK_SET)
@@ -208,47 +208,43 @@ class _Part:
         self._stats = dict(stats) if stats is not None else None
         self.constant_label: int | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # maps and files are reopened by the process that unpickles (workers)
+    def __getstate__(self) -> dict[str, Any]:  # maps are reopened by the process that unpickles (workers)
         state = dict(self.__dict__)
         if self.paths:
             state["_mu"] = state["_sigma"] = state["_labels"] = None
-            state["_files"] = {}
         return state
-
-    def __del__(self) -> None:
-        for fd, _, _, _ in getattr(self, "_files", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def rows(self, key: str, a: int, b: int) -> np.ndarray:
         """Items ``a .. b - 1`` of array ``key`` (``"mu"`` or ``"sigma"``) as a new array in the stored dtype.
 
-        A shard on disk is read with one positional read of the rows' bytes (nothing is mapped, so the reader's
-        resident memory is the rows it asked for); an in-memory part is sliced.
+        A shard on disk is opened, read with one positional read of the rows' bytes and closed (nothing is mapped, so
+        the reader's resident memory is the rows it asked for, and no descriptor stays open: a rank may draw from
+        hundreds of shards in an epoch); an in-memory part is sliced.
         """
         if key not in self.paths:
             return np.array((self._mu if key == "mu" else self._sigma)[a:b])
-        files = self.__dict__.setdefault("_files", {})
-        if key not in files:
+        layout = self.__dict__.setdefault("_layout", {})
+        if key not in layout:  # item shape, dtype and data offset from the header, once
             shape, dtype, offset = _npy_header(self.paths[key])
-            fd = os.open(self.paths[key], os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            files[key] = (fd, shape[1:], dtype, offset)
-        fd, item_shape, dtype, offset = files[key]
+            layout[key] = (shape[1:], dtype, offset)
+        item_shape, dtype, offset = layout[key]
         item_bytes = int(np.prod(item_shape, dtype=np.int64)) * dtype.itemsize
         count = max(0, min(b, self.count) - a)
         nbytes = count * item_bytes
         buffer = bytearray(nbytes)
         view, done = memoryview(buffer), 0
-        while done < nbytes:  # a positional read may return fewer bytes than asked
-            chunk = _pread(fd, nbytes - done, offset + a * item_bytes + done)
-            if not chunk:
-                raise CorruptFileError(self.paths[key], _READER, _shard_remedy(self.paths[key].parent,
-                                                                               self.paths[key].name.split(".")[0]),
-                                       f"ends before item {a + done // max(item_bytes, 1)}")
-            view[done:done + len(chunk)] = chunk
-            done += len(chunk)
+        fd = os.open(self.paths[key], os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            while done < nbytes:  # a positional read may return fewer bytes than asked
+                chunk = _pread(fd, nbytes - done, offset + a * item_bytes + done)
+                if not chunk:
+                    raise CorruptFileError(self.paths[key], _READER, _shard_remedy(self.paths[key].parent,
+                                                                                   self.paths[key].name.split(".")[0]),
+                                           f"ends before item {a + done // max(item_bytes, 1)}")
+                view[done:done + len(chunk)] = chunk
+                done += len(chunk)
+        finally:
+            os.close(fd)
         return np.frombuffer(buffer, dtype=dtype).reshape((count, *item_shape))
 
     def _map(self, key: str) -> np.ndarray:

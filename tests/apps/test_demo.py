@@ -92,3 +92,4 @@ def test_stage_times_sum_the_runs_of_each_stage(tmp_path):
     assert "train_downstream" in table and "   2 " in table
     assert table.splitlines()[-2].split()[-1] == "15"  # 120 s minus the 105 s the stages took
     assert "(2.0 min)" in table.splitlines()[-1]
+    assert demo.stage_times(tmp_path, skip=2) == [("select", 1, 3.0), ("train_downstream", 1, 22.0)]  # a rerun's
