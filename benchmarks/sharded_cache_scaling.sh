@@ -17,7 +17,7 @@ START=$(date +%s)
 mkdir -p "$SCRATCH"
 $PY $B --output $R/sharded_latent_cache_train.json train --scratch "$SCRATCH" --items 10000 100000 1000000 \
     --compare_in_memory 10000 30000 --steps 40 --warmup 5 --cleanup --keep_up_to 30000 \
-    --plot $R/sharded_latent_cache_train.png
+    --plot docs/benchmark_sharded_cache_train.png
 echo "[scaling] training runs after $(( $(date +%s) - START )) s"
 for n in 1 2; do
     $PY -m torch.distributed.run --nproc_per_node $n $B --output $R/sharded_latent_cache_encode_${n}rank.json encode \
