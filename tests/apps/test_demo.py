@@ -70,7 +70,7 @@ def test_real_set_fetched_on_request_over_http_checksum_checked(kather_server, t
     assert not paths["toy"] and paths["unlabeled_dir"] is None  # pre-training on the site's own tiles
     assert split["classes"] == list(KATHER_CLASSES)
     assert sum(split["counts"]["training"]) + sum(split["counts"]["validation"]) >= 2
-    # a second call finds the extracted folder and fetches nothing (the server is gone)
+    # a second call finds the extracted folder and fetches nothing (the URL now points at no file)
     dl.DATASETS["kather2016"]["url"] = kather_server.replace("/files/", "/gone/")
     assert demo.download_demo_data("kather2016", tmp_path / "data") == folder
 
