@@ -36,8 +36,9 @@ decodes its latents with the same small ``AutoencoderKL`` at the end):
   and the scheduler stay float32); on CPU it is *slower* than float32 on CPUs without AMX/AVX512-BF16 (most CPUs):
   it is there for GPUs.
 
-Timing. Each variant lives in its own worker process (this script re-invoked with ``--worker VARIANT``; all are
-started at once, so their imports overlap, and each waits for its turn to warm up), which builds
+Timing. Each variant lives in its own worker process (on Linux a fork of this script's process, which imported torch,
+MONAI and the package once and has run no torch operation; elsewhere a spawned process; each waits for its turn to
+warm up), which builds
 the networks, warms up (one sampling run of ``--warmup_steps`` steps: same shapes, so it also triggers and excludes
 ``torch.compile``'s compilation), then waits. The parent then asks the workers for one full timed sampling run each,
 in turn, for ``--reps`` rounds (the order rotated every round), so that machine load hits all variants alike; only
@@ -72,7 +73,9 @@ Prints a markdown table (variant, tiles/s, ms per tile, peak RSS MB, time ratio 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -80,6 +83,7 @@ import statistics
 import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -300,12 +304,14 @@ def _stage_runner(device: torch.device, spec: dict[str, Any], batch_size: int, a
     return run
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Wait for ``go``, then build, warm up, and serve ``run`` / ``exit`` commands read from stdin (one per line)."""
-    if sys.stdin.readline().strip() != "go":  # imports overlap with the other workers'; warm-ups do not
+def worker(args: argparse.Namespace, variant: str, conn: Connection) -> None:
+    """Wait for ``go``, then build, warm up, and serve ``run`` / ``exit`` messages received on ``conn``."""
+    if args.threads > 0:  # here, not in the parent: the parent forks, and must not have started a thread pool
+        torch.set_num_threads(args.threads)
+    if conn.recv() != "go":
         return
     device = torch.device(args.device)
-    spec = parse_variant(args.worker)
+    spec = parse_variant(variant)
     amp_dtype = torch.bfloat16  # the stage's amp_dtype "bfloat16" (on GPUs with bf16; float32 guidance math)
     run = make_sampler(device, spec, args.batch_size, amp_dtype, sizes=args.sizes, batches=args.batches)
     t0 = time.perf_counter()
@@ -317,24 +323,20 @@ def worker(args: argparse.Namespace) -> None:
     reset_ok = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _emit({"ready": True, "warmup_s": warmup_s})
+    conn.send({"ready": True, "warmup_s": warmup_s})
     times = []
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "run":
-            _sync(device)
-            t0 = time.perf_counter()
-            images = run(args.steps)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            times.append(dt)
-            if not torch.isfinite(images).all():
-                raise RuntimeError(f"{args.worker}: non-finite samples")
-            _emit({"seconds": dt})
-        elif cmd == "exit":
-            break
+    while (cmd := conn.recv()) == "run":
+        _sync(device)
+        t0 = time.perf_counter()
+        images = run(args.steps)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        if not torch.isfinite(images).all():
+            raise RuntimeError(f"{variant}: non-finite samples")
+        conn.send({"seconds": dt})
     out = {
-        "variant": args.worker,
+        "variant": variant,
         "spec": spec,
         "warmup_s": round(warmup_s, 2),
         "rss_before_mb": None if rss_before is None else round(rss_before, 1),
@@ -345,37 +347,43 @@ def worker(args: argparse.Namespace) -> None:
     }
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    _emit(out)
+    conn.send(out)
+
+
+#: what a worker needs imported; the parent imports it once before it forks the workers
+WORKER_IMPORTS = ("monai.networks.nets", "monai.networks.schedulers", "monai.inferers", "PIL.Image",
+                  "monai_histodiff.networks", "monai_histodiff.inferers", "monai_histodiff.engines.generation")
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """``fork`` on Linux (the workers start without importing anything) unless CUDA was initialized here, which a fork
+    cannot inherit; else ``spawn``."""
+    fork = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
+    return multiprocessing.get_context("fork" if fork else "spawn")
 
 
 class Worker:
-    """A worker process driven over its stdin/stdout."""
+    """A worker process (a fork of this one, made before any torch operation or CUDA call here) driven over a pipe."""
 
     def __init__(self, variant: str, args: argparse.Namespace) -> None:
-        cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", args.device,
-            "--threads", str(args.threads), "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-            "--warmup_steps", str(args.warmup_steps), "--sizes", args.sizes, "--batches", str(args.batches),
-        ]  # fmt: skip
         self.variant = variant
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    def read(self) -> dict:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK) :])
-        raise RuntimeError(f"worker {self.variant} ended (exit code {self.proc.wait()})")
+        context = _context()
+        self.conn, child = context.Pipe()
+        self.proc = context.Process(target=worker, args=(args, variant, child), name=f"worker-{variant}")
+        self.proc.start()
+        child.close()
 
     def send(self, cmd: str) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.read()
+        try:
+            self.conn.send(cmd)
+            return self.conn.recv()
+        except (EOFError, BrokenPipeError) as e:
+            self.proc.join()
+            raise RuntimeError(f"worker {self.variant} ended (exit code {self.proc.exitcode})") from e
 
     def close(self) -> dict:
         info = self.send("exit")
-        self.proc.wait()
+        self.proc.join()
         return info
 
 
@@ -399,7 +407,9 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
             parse_variant(v)
         if "stock" not in variants:
             raise ValueError("--variants must include stock (the ratios are to it)")
-    workers = [Worker(v, args) for v in variants]  # every worker imports torch at once, then waits for "go"
+    for name in WORKER_IMPORTS:  # once, here: the workers are forks of this process
+        importlib.import_module(name)
+    workers = [Worker(v, args) for v in variants]  # each waits for "go"
     for w in workers:  # warm up one at a time, so compilations (and GPU memory) do not compete
         ready = w.send("go")
         print(f"{w.variant}: warm-up {ready['warmup_s']:.1f} s", file=sys.stderr, flush=True)
@@ -517,15 +527,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="network sizes: bundles/small.json's (CPU) or the paper's (GPU; see paper_scale_gpu.sh)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--output", default=None, help="result JSON (default: results/guided_sampling*.json)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--paper_worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.worker is not None:
-        worker(args)
-        return None
     if args.paper_worker is not None:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         paper_worker(args)
         return None
     if args.reps < 1 or args.warmup_steps < 1 or args.batches < 1:
@@ -567,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "versions": {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()},
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.threads or torch.get_num_threads(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     })  # fmt: skip
     out = Path(args.output) if args.output else RESULTS / f"{name}.json"

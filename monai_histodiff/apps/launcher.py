@@ -9,8 +9,9 @@ status), with its own working folder, environment and output files. The helper n
 OpenMP pool exists when it forks); the only threads it has are those of numpy's OpenBLAS pool, which OpenBLAS
 re-creates after a fork, as in PyTorch's forked data-loading workers.
 
-Linux only (macOS and Windows start a plain process per stage); ``MONAI_HISTODIFF_LAUNCHER=subprocess`` turns it off.
-torchrun commands always start their own processes.
+The package's own command line (``python -m monai_histodiff <command>``) can be started the same way. Linux only
+(macOS and Windows start a plain process per stage); ``MONAI_HISTODIFF_LAUNCHER=subprocess`` turns it off. torchrun
+commands always start their own processes.
 """
 
 from __future__ import annotations
@@ -45,15 +46,21 @@ def launcher_enabled() -> bool:
     return sys.platform.startswith("linux") and os.environ.get(LAUNCHER_ENV, "fork") != "subprocess"
 
 
+#: the modules whose ``python -m <module> ...`` commands a fork of the helper can run
+MODULES = ("monai.bundle", "monai_histodiff")
+
+
 def _module_argv(cmd: Sequence[str]) -> tuple[str, list[str]] | None:
-    """``("monai.bundle", argv)`` for a ``python -m monai.bundle ...`` command of this interpreter, else None."""
-    if len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m" and cmd[2] == "monai.bundle":
+    """``(module, argv)`` for a ``python -m <module> ...`` command of this interpreter with a module of
+    :data:`MODULES`, else None."""
+    if len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m" and cmd[2] in MODULES:
         return cmd[2], [cmd[2], *cmd[3:]]
     return None
 
 
 class StageLauncher:
-    """A fork server for ``python -m monai.bundle run ...`` commands (see the module docstring).
+    """A fork server for ``python -m monai.bundle run ...`` (and ``python -m monai_histodiff ...``) commands (see the
+    module docstring).
 
     Args:
         preload: modules the helper imports before its first fork.
@@ -103,7 +110,8 @@ class StageLauncher:
     def run(self, cmd: Sequence[str], stdout: str | os.PathLike, stderr: str | os.PathLike | None = None,
             cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
             timeout: float | None = None, on_wait: Callable[[], None] | None = None) -> int:
-        """Run ``cmd`` (a ``python -m monai.bundle ...`` command) in a fork of the helper; return its exit status.
+        """Run ``cmd`` (``python -m monai.bundle ...`` or ``python -m monai_histodiff ...``) in a fork of the helper;
+        return its exit status.
 
         Args:
             cmd: the command as a list, ``cmd[0]`` this interpreter.
@@ -116,7 +124,8 @@ class StageLauncher:
         """
         module = _module_argv(cmd)
         if module is None:
-            raise ValueError(f"the stage launcher runs 'python -m monai.bundle ...' commands only, got {list(cmd)}")
+            raise ValueError(f"the stage launcher runs 'python -m <module> ...' commands of {MODULES} only, got "
+                             f"{list(cmd)}")
         request = {"module": module[0], "argv": module[1], "cwd": str(cwd or os.getcwd()),
                    "env": dict(env if env is not None else os.environ), "stdout": os.path.abspath(stdout),
                    "stderr": os.path.abspath(stderr) if stderr is not None else None}  # the helper's cwd is not ours
@@ -173,7 +182,8 @@ def run_command(cmd: Sequence[str], stdout: str | os.PathLike, stderr: str | os.
                 cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                 timeout: float | None = None, on_wait: Callable[[], None] | None = None) -> int:
     """Run a command with its output in files: forked from the shared launcher when it is enabled and the command is
-    ``python -m monai.bundle ...``, else as a plain process. Returns the exit status."""
+    ``python -m monai.bundle ...`` or ``python -m monai_histodiff ...``, else as a plain process. Returns the exit
+    status."""
     if launcher_enabled() and _module_argv(cmd) is not None:
         return shared_launcher().run(cmd, stdout, stderr, cwd=cwd, env=env, timeout=timeout, on_wait=on_wait)
     with open(stdout, "wb") as out, (open(stderr, "wb") if stderr is not None else _same(out)) as err:

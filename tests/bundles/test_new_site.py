@@ -34,9 +34,15 @@ def _install_non_editable(tmp: Path) -> Path:
     return site
 
 
+#: prints where ``monai_histodiff`` and its bundle configs are found, without importing the package (and torch)
+WHERE = ("import importlib.util as u; s = u.find_spec('monai_histodiff'); print(s.origin); "
+         "c = u.spec_from_file_location('c', s.submodule_search_locations[0] + '/bundle/configs.py'); "
+         "m = u.module_from_spec(c); c.loader.exec_module(m); print(m.config_dir())")
+
+
 def _run(cmd: list[str], cwd: Path, env: dict, launcher: StageLauncher | None = None) -> subprocess.CompletedProcess:
-    """Run ``cmd``; a ``python -m monai.bundle`` command through ``launcher`` (forks of a helper that imported the
-    installed copy once) when one is given."""
+    """Run ``cmd``; a ``python -m monai.bundle`` / ``python -m monai_histodiff`` command through ``launcher`` (forks
+    of a helper that imported the installed copy once) when one is given."""
     if launcher is None or not launcher_enabled():
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     else:
@@ -49,18 +55,19 @@ def _run(cmd: list[str], cwd: Path, env: dict, launcher: StageLauncher | None = 
     return proc
 
 
-def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kather2016_dir, tmp_path):
+def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kather2016_dir, tmp_path, request):
     site_packages = _install_non_editable(tmp_path)
     work = tmp_path / "anywhere"  # the site's working folder: no bundles/ here, no repository
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site_packages), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    where = _run([sys.executable, "-c", "import monai_histodiff.bundle.configs as b; print(b.__file__); "
-                  "print(b.config_dir())"], work, env).stdout.split()
-    assert all(Path(p).is_relative_to(site_packages) for p in where), where  # the installed copy, not the checkout
+    where = _run([sys.executable, "-c", WHERE], work, env).stdout.split()
+    assert len(where) == 2 and all(Path(p).is_relative_to(site_packages) for p in where), where  # not the checkout
+    launcher = StageLauncher(env=env)  # its helper imports the installed copy (PYTHONPATH), once for every command
+    request.addfinalizer(launcher.close)
 
     bundle = tmp_path / "histodiffusion_kit"
     _run([sys.executable, "-m", "monai_histodiff", "export-bundle", "--pretrained_runs", str(pretrained),
-          "--output", str(bundle)], work, env)
+          "--output", str(bundle)], work, env, launcher)
     configs = sorted(p.name for p in (bundle / "configs").iterdir())
     assert configs == sorted([f"{s}.json" for s in ("train_aux_classifier", "finetune", "train_latent_classifier",
                                                      "generate", "select", "train_downstream", "evaluate")]
@@ -73,10 +80,9 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
     ckpts = bundle / "models"
     assert file_sha256(ckpts / "autoencoder.pt") == file_sha256(pretrained / "pretrain_autoencoder" / "autoencoder.pt")
     _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bundle / "configs/metadata.json"),
-          "--filepath", str(META_SCHEMA_FILE)], work, env)
+          "--filepath", str(META_SCHEMA_FILE)], work, env, launcher)
 
     site = tmp_path / "site_runs"
-    launcher = StageLauncher(env=env)  # its helper imports the installed copy (PYTHONPATH), once for every stage
 
     def stage(name: str, **overrides) -> None:
         o = dict(dataset_dir=str(kather2016_dir), output_dir=str(site), label_per_class=4, val_fraction=0.25,
@@ -87,17 +93,15 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
             cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]
         _run(cmd, work, env, launcher)
 
-    try:
-        stage("train_aux_classifier", max_epochs=2, batch_size=8)
-        stage("finetune", max_epochs=1, batch_size=4)
-        stage("train_latent_classifier", max_epochs=2, batch_size=8)
-        stage("generate", ratio=1.0, num_inference_steps=4, batch_size=8)
-        stage("select", ratio=0.5, mode="random")
-        stage("train_downstream", datalist_file=str(site / "select" / "augmented_datalist.json"), max_epochs=1,
-              batch_size=8)
-        stage("evaluate")
-    finally:
-        launcher.close()
+    stage("train_aux_classifier", max_epochs=2, batch_size=8)
+    stage("finetune", max_epochs=1, batch_size=4)
+    stage("train_latent_classifier", max_epochs=2, batch_size=8)
+    stage("generate", ratio=1.0, num_inference_steps=4, batch_size=8)
+    stage("select", ratio=0.5, mode="random")
+    stage("train_downstream", datalist_file=str(site / "select" / "augmented_datalist.json"), max_epochs=1,
+          batch_size=8)
+    stage("evaluate")
+    launcher.close()
     assert sorted(p.name for p in work.iterdir()) == []  # nothing written in the working folder
 
     split = json.loads((site / "split.json").read_text())
