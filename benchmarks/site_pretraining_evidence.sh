@@ -16,6 +16,7 @@ OUT=${1:-runs/lung_site}
 H=${2:-../shared/data/histology}
 PY=${PY:-.venv/bin/python}
 START=$(date +%s)
+source "$(dirname "$0")/evidence_common.sh"
 COMMON=(--dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600 --seeds 0 1 2 3 4
         --generation_steps 50 --pretraining site --ratios 2.0 --random_ratio 0
         --set pretrain_autoencoder.max_epochs=3 --set pretrain_autoencoder.adv_start=250
@@ -29,10 +30,8 @@ $PY -m monai_histodiff experiment --output_dir "$OUT" "${COMMON[@]}" --generator
 echo "[evidence] site pre-training, Table 1 at g = 1 with StyleGAN2 after $(( $(date +%s) - START )) s"
 # 2. g = 4
 G="${OUT}_g4"
-mkdir -p "$G/rows" "$G/judged"
-for p in split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion train_aux_classifier \
-         finetune train_latent_classifier ceiling.png; do cp -a "$OUT/$p" "$G/"; done
-cp -a "$OUT/rows/baseline" "$G/rows/" && cp -a "$OUT/judged/ceiling.json" "$G/judged/"
+share_run "$OUT" "$G" split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion \
+    train_aux_classifier finetune train_latent_classifier ceiling.png
 $PY -m monai_histodiff experiment --output_dir "$G" "${COMMON[@]}" --generator histodiffusion --guidance_scale 4
 echo "[evidence] g = 4 after $(( $(date +%s) - START )) s"
 # 3. v-prediction

@@ -113,7 +113,8 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         generators=tuple(dict.fromkeys(g for name in a.generator for g in (
             ("histodiffusion", "stylegan2") if name == "both" else (name,)))),
         cfg_scale=a.cfg_scale, sweep_cfg_scales=a.sweep_cfg_scales,
-        pretraining=a.pretraining, site_weight=a.site_weight, stage_overrides=_parse_settings(a.set),
+        pretraining=a.pretraining, site_weight=a.site_weight, pseudo_labels=a.pseudo_labels,
+        stage_overrides=_parse_settings(a.set),
     )
     run_experiment(cfg)
     out = __import__("pathlib").Path(a.output_dir)
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance w of the 'conditional' generator (default: the generate bundle's)")
     e.add_argument("--sweep_cfg_scales", type=float, nargs="*", default=[],
                    help="classifier-free guidance scales the judge measures (the 'conditional' generator)")
+    e.add_argument("--pseudo_labels", action="store_true",
+                   help="train the latent classifier also on the site's pre-training tiles the auxiliary classifier "
+                        "labels confidently (not the paper's method; needs --pretraining site or site+sources)")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="per-stage bundle override, repeatable (e.g. --set train_latent_classifier.lr=1e-3)")
     e.set_defaults(func=_cmd_experiment)

@@ -316,3 +316,26 @@ def test_a_test_tile_in_pretraining_stops_the_run_before_any_stage(tmp_path):
     assert not (run / "pretrain_autoencoder").exists() and not (run / "logs").exists()
     with pytest.raises(ValueError, match="pretraining must be one of"):
         ExperimentConfig(output_dir=str(run), pretraining="everything")
+
+
+def test_pseudo_labels_read_only_the_sites_own_pretraining_tiles(tmp_path):
+    """``pseudo_labels`` passes the latent classifier the site tiles of the run's pre-training listing (never a public
+    source's), and is refused where the run has no site tiles."""
+    from monai.bundle import ConfigParser
+
+    from monai_histodiff.apps.experiment import _pseudo_label_overrides
+
+    write_datalist({"setting": "site+sources", "unlabeled": [
+        {"image": str(tmp_path / "site_a.png"), "source": "site", "group": "g1"},
+        {"image": str(tmp_path / "brca.png"), "source": "tcga_brca"},
+        {"image": str(tmp_path / "site_b.png"), "source": "site", "group": "g2"}]}, tmp_path / "pretraining.json")
+    listing = (tmp_path / "pretraining.json").as_posix()
+    overrides = _pseudo_label_overrides({"setting": "site+sources", "listing": listing})
+    assert overrides["pseudo_labels"] is True
+    parser = ConfigParser({"imports": ["$import monai_histodiff"], "items": overrides["pseudo_label_datalist"]})
+    assert [it["image"] for it in parser.get_parsed_content("items")] == [str(tmp_path / "site_a.png"),
+                                                                           str(tmp_path / "site_b.png")]
+    with pytest.raises(ExperimentError, match="pseudo_labels needs the site's own unlabeled tiles"):
+        _pseudo_label_overrides({"setting": "sources", "listing": "x.json"})
+    with pytest.raises(ValueError, match="pseudo_labels labels the site's own unlabeled tiles"):
+        ExperimentConfig(output_dir=str(tmp_path), pseudo_labels=True)

@@ -116,6 +116,9 @@ class ExperimentConfig:
             the test groups, labels dropped: the split's pool, training and validation tiles) or ``"site+sources"``.
             Every setting's listing is checked against the split before each run (a test group stops it, named).
         site_weight: with ``"site+sources"``, the share of pre-training draws that go to the site's tiles.
+        pseudo_labels: train the latent classifier also on the site's own pre-training tiles that the auxiliary
+            classifier labels confidently (``train_latent_classifier``'s ``pseudo_labels``; not the paper's method;
+            needs ``pretraining`` ``"site"`` or ``"site+sources"``, whose site tiles are used).
     """
 
     output_dir: str
@@ -152,6 +155,7 @@ class ExperimentConfig:
     sweep_cfg_scales: Sequence[float] = ()
     pretraining: str = "sources"
     site_weight: float = 0.5
+    pseudo_labels: bool = False
     stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -167,6 +171,9 @@ class ExperimentConfig:
             raise ValueError(f"pretraining must be one of {list(PRETRAINING_SETTINGS)}, got {self.pretraining!r}")
         if self.pretraining == "site+sources" and not 0.0 < self.site_weight < 1.0:
             raise ValueError(f"site_weight must be in (0, 1), got {self.site_weight}")
+        if self.pseudo_labels and self.pretraining == "sources":
+            raise ValueError("pseudo_labels labels the site's own unlabeled tiles: use pretraining 'site' or "
+                             "'site+sources'")
         if self.balance not in ("proportional", "none"):
             raise ValueError(f"balance must be 'proportional' or 'none', got {self.balance!r}")
         if not 1.0 <= self.pool_factor <= self.max_pool_factor:
@@ -471,6 +478,18 @@ def _conditional_unlabeled(cfg: ExperimentConfig, unlabeled: dict[str, Any]) -> 
     return {"datalist": "$[]"}
 
 
+def _pseudo_label_overrides(pretraining: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``train_latent_classifier`` overrides that pseudo-label the site's own tiles of the run's pre-training
+    listing (``cfg.pseudo_labels``)."""
+    setting = (pretraining or {}).get("setting")
+    if setting not in ("site", "site+sources"):
+        raise ExperimentError("pseudo_labels needs the site's own unlabeled tiles, i.e. a run pre-trained with "
+                              f"pretraining 'site' or 'site+sources' (this run's: {setting})")
+    listing = pretraining["listing"]
+    return {"pseudo_labels": True, "pseudo_label_datalist": f"$[it for it in monai_histodiff.data.load_datalist("
+                                                            f"'{listing}')['unlabeled'] if it.get('source') == 'site']"}
+
+
 def _generate_pool(cfg: ExperimentConfig, out: Path, stages: _Stages, rows: list[Row], classes: list[str],
                    real_counts: list[int], generation: dict[str, Any], generator: str = "histodiffusion"
                    ) -> dict[str, Any]:
@@ -579,6 +598,8 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         if not (out / artifact).is_file():
             if stage == "finetune_conditional":  # the site's unlabeled tiles (the pre-training listing): null class
                 stages(stage, **labeled, **_conditional_unlabeled(cfg, unlabeled))
+            elif stage == "train_latent_classifier" and cfg.pseudo_labels:
+                stages(stage, **labeled, **_pseudo_label_overrides(pretraining))
             else:
                 stages(stage, **labeled)
     latent = check_latent_classifier(out / "train_latent_classifier", len(classes),
@@ -666,7 +687,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     _check_equal_budget(results)
     check = out / "generate" / "guidance_check.json"
     check_conditional = out / GENERATORS["conditional"][2] / "guidance_check.json"
+    pseudo = out / "train_latent_classifier" / "pseudo_labels.json"
     extra = {"pretraining": pretraining, "ceiling": ceiling,
+             "pseudo_labels": json.loads(pseudo.read_text()) if diffusion and pseudo.is_file() else None,
              "guidance_check": json.loads(check.read_text()) if check.is_file() else None,
              "guidance_check_conditional": json.loads(check_conditional.read_text()) if "conditional" in
              cfg.generators and check_conditional.is_file() else None,
@@ -909,6 +932,12 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
                       f"{check['unguided'][key]:.3f}, {scale} = {value:g} {check['guided'][key]:.3f} "
                       f"(chance {check['chance']:.3f}): " + ("guidance steers." if check["steers"] else
                                                              "**guidance does nothing here**.")]
+    pseudo = report.get("pseudo_labels")
+    if pseudo:
+        per_class = ", ".join(f"{k} {v}" for k, v in pseudo["kept_per_class"].items())
+        lines += ["", f"Latent classifier also trained on pseudo-labels (not the paper's method): {pseudo['kept']} of "
+                      f"{pseudo['labeled']} unlabeled site tiles labeled by the auxiliary classifier with confidence "
+                      f">= {pseudo['min_confidence']:g} ({per_class})."]
     ceiling = report.get("ceiling")
     if ceiling:
         acc = ", ".join(f"{k} {v:.3f}" for k, v in ceiling["accuracy"].items())

@@ -172,6 +172,11 @@ __all__ += ["CONDITIONAL_STAGE", "conditional_from_pretrained", "conditional_lat
             "check_conditional", "labeled_share_weights"]
 # --- end class-conditional fine-tuning ---
 
+# --- pseudo-labels of the site's unlabeled tiles for the latent classifier (an option, not the paper's method) ---
+from monai_histodiff.engines.pseudo_labels import pseudo_label  # noqa: E402
+
+__all__ += ["pseudo_label"]
+
 # --- stage settings: their home is monai_histodiff.bundle.settings; re-exported here because the self-contained
 # stage configs of adaptation kits exported before the move call $monai_histodiff.engines.check_settings ---
 from monai_histodiff.bundle.settings import (  # noqa: E402

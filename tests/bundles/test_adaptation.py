@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from monai_histodiff.engines import load_autoencoder, load_image_classifier, load_latent_classifier
+from monai_histodiff.data import load_datalist
 from monai_histodiff.handlers import file_sha256, load_checkpoint
 from tests.bundles.conftest import FAST, SMALL, run_bundle
 
@@ -40,7 +41,7 @@ def _adapt(site, dataset_dir, per_class, val_fraction, epochs=2, latent_epochs=2
     run_bundle(["bundles/train_latent_classifier.json", *SMALL], max_epochs=latent_epochs, batch_size=8, **common)
 
 
-def test_adaptation_on_real_tiles(pretrained, nct_crc_dir, tmp_path):
+def test_adaptation_on_real_tiles(pretrained, nct_crc_dir, unlabeled_dir, tmp_path):
     site = _site(tmp_path, pretrained)
     ae_path = site / "pretrain_autoencoder" / "autoencoder.pt"
     ae_hash = file_sha256(ae_path)
@@ -73,6 +74,23 @@ def test_adaptation_on_real_tiles(pretrained, nct_crc_dir, tmp_path):
     clf = load_latent_classifier(site / "train_latent_classifier" / "latent_classifier.pt",
                                  diffusion_path=site / "pretrain_diffusion" / "diffusion.pt")
     assert clf(torch.zeros(2, 3, 16, 16), torch.tensor([0, 999])).shape == (2, 9)
+
+    # with pseudo-labels (an option): unlabeled tiles labeled by the auxiliary classifier; the site's training and
+    # validation tiles among them are held out, and the classifier trains on both sets
+    split = load_datalist(site / "split.json")  # image paths made absolute
+    others = sorted(p for p in unlabeled_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:12]
+    unlabeled = [{"image": it["image"]} for it in split["training"] + split["validation"]]
+    unlabeled += [{"image": str(p)} for p in others]
+    run_bundle(["bundles/train_latent_classifier.json", *SMALL], dataset_dir=str(nct_crc_dir), output_dir=str(site),
+               max_epochs=1, batch_size=8, pseudo_labels=True, pseudo_label_datalist=unlabeled,
+               pseudo_label_confidence=0.0, **FAST)
+    record = json.loads((site / "train_latent_classifier" / "pseudo_labels.json").read_text())
+    assert record["given"] == len(unlabeled) and record["held_out"] == len(split["training"]) + len(split["validation"])
+    assert record["kept"] == len(others) == 12 and sum(record["kept_per_class"].values()) == record["kept"]
+    lat = load_checkpoint(site / "train_latent_classifier" / "latent_classifier.pt")
+    assert lat["meta"]["config"]["pseudo_labeled_tiles"] == record["kept"]
+    assert lat["meta"]["config"]["labeled_share"] == 0.5
+    assert len(list((site / "train_latent_classifier").glob("latent_cache_pseudo_*"))) == 1
 
 
 def test_latent_classifier_learns_separable_toy_classes(pretrained, toy_labeled, tmp_path):
