@@ -4,8 +4,8 @@
 
 Prints: the split, the adaptation checks (latent classifier per noise bucket beside the auxiliary classifier), the
 judge, the guidance sweep (judged conditional accuracy per scale and DDIM steps, per class), the pool rounds, what
-selection kept and rejected (judged), per-class FD (for each generator's pool), Table 1 (results.md) and the
-ablations' tables.
+selection kept and rejected (judged), per-class FD (for each generator's pool), Table 1 (results.md), the rows against
+each other paired by seed (e.g. HistoDiffusion's selective 200% against StyleGAN2's) and the ablations' tables.
 """
 
 from __future__ import annotations
@@ -84,6 +84,35 @@ def pool_table(report: dict, key: str = "pool") -> list[str]:
     return lines
 
 
+def between_rows_table(root: Path, metric: str = "accuracy") -> list[str]:
+    """Every pair of non-baseline rows compared seed by seed (``results.csv``): the paired difference of ``metric``
+    (first row minus second), its 95% interval, and on how many seeds the first is above; e.g. HistoDiffusion's
+    selective 200% against StyleGAN2's on the same seeds and baseline."""
+    import csv
+    from itertools import combinations
+
+    from monai_histodiff.apps.experiment import paired_interval
+
+    with open(root / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    per_row: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["mode"] != "baseline":
+            per_row.setdefault(r["row"], {})[int(r["seed"])] = float(r[metric])
+    lines = [f"| first row | second row | seeds | {metric} difference (paired) [95% interval] | first above on |",
+             "|---|---|---|---|---|"]
+    for a, b in combinations(per_row, 2):
+        seeds = sorted(set(per_row[a]) & set(per_row[b]))
+        d = [per_row[a][s] - per_row[b][s] for s in seeds]
+        if len(d) < 2:
+            continue
+        mean = sum(d) / len(d)
+        lo, hi = paired_interval(d)
+        lines.append(f"| {a} | {b} | {len(d)} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sum(x > 0 for x in d)} of "
+                     f"{len(d)} |")
+    return lines
+
+
 def main(out: str) -> None:
     root = Path(out)
     report = json.loads((root / "experiment_report.json").read_text())
@@ -92,7 +121,8 @@ def main(out: str) -> None:
                 ("Guidance sweep (judged)", sweep_table(report)), ("Pool (HistoDiffusion)", pool_table(report)),
                 ("Pool (StyleGAN2)", pool_table(report, "pool_stylegan2")),
                 ("Selection (judged)", selection_table(report)),
-                ("Table 1", (root / "results.md").read_text().splitlines())]
+                ("Table 1", (root / "results.md").read_text().splitlines()),
+                ("Rows against each other (paired by seed)", between_rows_table(root))]
     for ablation in sorted(root.glob("ablation_*/results.md")):
         sections.append((ablation.parent.name, ablation.read_text().splitlines()))
         rep = ablation.parent / "experiment_report.json"

@@ -6,13 +6,15 @@
 #     the same 144 labels, Table 1 (selective 200%, seeds 0-14, paired 95% intervals, flips / rotations / colour
 #     jitter for every row), the judged guidance sweep g = 0 / 1 / 4;
 #  2. HistoDiffusion at g = 4 in a copy sharing pre-training, adaptation, judge and the baseline rows (seeds 0-14).
-# Wall time on the 2-core development machine: about 1.5 h (StyleGAN2 training about 21 min of it).
+# Wall time on the 2-core development machine (2026-12-07): 1 h 19 min for part 1 (StyleGAN2 training 21 min of
+# it), 10 min for part 2.
 #   bash benchmarks/site_seeds_evidence.sh [OUT] [HISTOLOGY]      (from the repository root, after `make install`)
 set -euo pipefail
 OUT=${1:-runs/lung_seeds}
 H=${2:-../shared/data/histology}
 PY=${PY:-.venv/bin/python}
 START=$(date +%s)
+source "$(dirname "$0")/evidence_common.sh"
 SEEDS=(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
 COMMON=(--dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600 --seeds "${SEEDS[@]}"
         --generation_steps 50 --pretraining site --ratios 2.0 --random_ratio 0
@@ -26,9 +28,7 @@ $PY -m monai_histodiff experiment --output_dir "$OUT" "${COMMON[@]}" --generator
 echo "[evidence] pre-training, adaptation, g = 1 and StyleGAN2 rows after $(( $(date +%s) - START )) s"
 # 2. g = 4
 G="${OUT}_g4"
-mkdir -p "$G/rows" "$G/judged"
-for p in split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion train_aux_classifier \
-         finetune train_latent_classifier ceiling.png; do cp -a "$OUT/$p" "$G/"; done
-cp -a "$OUT/rows/baseline" "$G/rows/" && cp -a "$OUT/judged/ceiling.json" "$G/judged/"
+share_run "$OUT" "$G" split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion \
+    train_aux_classifier finetune train_latent_classifier ceiling.png
 $PY -m monai_histodiff experiment --output_dir "$G" "${COMMON[@]}" --generator histodiffusion --guidance_scale 4
 echo "[evidence] g = 4 after $(( $(date +%s) - START )) s"
