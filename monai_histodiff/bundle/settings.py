@@ -149,6 +149,7 @@ SETTING_RULES: dict[str, SettingRule] = {
     # selection
     "percentile": SettingRule(low=0, high=100, low_open=True),
     "min_confidence": _fraction(optional=True, note="None: no confidence rule"),
+    "pseudo_label_confidence": _fraction(note="the auxiliary classifier's probability a pseudo-label needs"),
     "min_fill": _fraction(),
     # evaluation
     "fd_num_samples": _count(low=2),
