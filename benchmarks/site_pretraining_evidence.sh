@@ -14,9 +14,7 @@
 set -euo pipefail
 OUT=${1:-runs/lung_site}
 H=${2:-../shared/data/histology}
-PY=${PY:-.venv/bin/python}
-START=$(date +%s)
-source "$(dirname "$0")/evidence_common.sh"
+source "$(dirname "$0")/evidence_common.sh"  # PY, START, share_run, at_g4
 COMMON=(--dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600 --seeds 0 1 2 3 4
         --generation_steps 50 --pretraining site --ratios 2.0 --random_ratio 0
         --set pretrain_autoencoder.max_epochs=3 --set pretrain_autoencoder.adv_start=250
@@ -29,10 +27,7 @@ $PY -m monai_histodiff experiment --output_dir "$OUT" "${COMMON[@]}" --generator
     --set "pretrain_diffusion.scheduler_args#prediction_type=epsilon"
 echo "[evidence] site pre-training, Table 1 at g = 1 with StyleGAN2 after $(( $(date +%s) - START )) s"
 # 2. g = 4
-G="${OUT}_g4"
-share_run "$OUT" "$G" split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion \
-    train_aux_classifier finetune train_latent_classifier ceiling.png
-$PY -m monai_histodiff experiment --output_dir "$G" "${COMMON[@]}" --generator histodiffusion --guidance_scale 4
+at_g4 "$OUT" "${COMMON[@]}"
 echo "[evidence] g = 4 after $(( $(date +%s) - START )) s"
 # 3. v-prediction
 V="${OUT}_v"

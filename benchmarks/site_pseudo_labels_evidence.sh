@@ -9,9 +9,7 @@
 set -euo pipefail
 OUT=${1:-runs/lung_seeds}
 H=${2:-../shared/data/histology}
-PY=${PY:-.venv/bin/python}
-START=$(date +%s)
-source "$(dirname "$0")/evidence_common.sh"
+source "$(dirname "$0")/evidence_common.sh"  # PY, START, share_run
 P="${OUT}_pseudo"
 share_run "$OUT" "$P" split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion \
     train_aux_classifier finetune ceiling.png

@@ -12,9 +12,7 @@
 set -euo pipefail
 OUT=${1:-runs/lung_seeds}
 H=${2:-../shared/data/histology}
-PY=${PY:-.venv/bin/python}
-START=$(date +%s)
-source "$(dirname "$0")/evidence_common.sh"
+source "$(dirname "$0")/evidence_common.sh"  # PY, START, share_run, at_g4
 SEEDS=(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
 COMMON=(--dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 --test_per_class 600 --seeds "${SEEDS[@]}"
         --generation_steps 50 --pretraining site --ratios 2.0 --random_ratio 0
@@ -27,8 +25,5 @@ $PY -m monai_histodiff experiment --output_dir "$OUT" "${COMMON[@]}" --generator
     --sweep_steps 50 --set train_stylegan2.max_epochs=200 --set train_stylegan2.sample_interval=20
 echo "[evidence] pre-training, adaptation, g = 1 and StyleGAN2 rows after $(( $(date +%s) - START )) s"
 # 2. g = 4
-G="${OUT}_g4"
-share_run "$OUT" "$G" split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion \
-    train_aux_classifier finetune train_latent_classifier ceiling.png
-$PY -m monai_histodiff experiment --output_dir "$G" "${COMMON[@]}" --generator histodiffusion --guidance_scale 4
+at_g4 "$OUT" "${COMMON[@]}"
 echo "[evidence] g = 4 after $(( $(date +%s) - START )) s"
