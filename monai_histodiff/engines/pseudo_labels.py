@@ -28,6 +28,7 @@ from monai_histodiff.data.atomic import atomic_write
 from monai_histodiff.data.transforms import tile_transforms
 from monai_histodiff.engines.loading import load_image_classifier
 from monai_histodiff.handlers.checkpoint import file_sha256
+from monai_histodiff.selection.features import extract_features_and_probs
 
 __all__ = ["pseudo_label"]
 
@@ -40,7 +41,6 @@ def _held_out(items: Sequence[dict], exclude: Sequence[dict]) -> list[bool]:
             for it in items]
 
 
-@torch.no_grad()
 def pseudo_label(classifier_ckpt: str | os.PathLike, items: Sequence[dict], image_size: int,
                  exclude: Sequence[dict] = (), min_confidence: float = 0.9, device: str | torch.device = "cpu",
                  batch_size: int = 64, num_workers: int = 0, record: str | os.PathLike | None = None,
@@ -77,7 +77,7 @@ def pseudo_label(classifier_ckpt: str | os.PathLike, items: Sequence[dict], imag
     model = load_image_classifier(classifier_ckpt, device=device)
     loader = DataLoader(Dataset(candidates, tile_transforms(image_size)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
-    probs = torch.cat([torch.softmax(model(batch["image"].to(device)).float(), 1).cpu() for batch in loader])
+    probs = extract_features_and_probs(model, loader, device=device)[2]  # selection's pass: eval mode, no grad
     confidence, label = probs.max(1)
     kept = [dict(it, label=int(y), confidence=round(float(c), 4))
             for it, y, c in zip(candidates, label.tolist(), confidence.tolist()) if c >= min_confidence]

@@ -101,7 +101,6 @@ def test_site_bundle_runs_the_second_dataset_by_overrides_only(pretrained, kathe
     stage("train_downstream", datalist_file=str(site / "select" / "augmented_datalist.json"), max_epochs=1,
           batch_size=8)
     stage("evaluate")
-    launcher.close()
     assert sorted(p.name for p in work.iterdir()) == []  # nothing written in the working folder
 
     split = json.loads((site / "split.json").read_text())
