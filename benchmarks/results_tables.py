@@ -1,17 +1,19 @@
 """Markdown tables of an experiment folder for docs/results.md: every number read from the files the run wrote.
 
     python benchmarks/results_tables.py runs/lung > /tmp/tables.md
+    python benchmarks/results_tables.py runs/lung_seeds_sources --against site=runs/lung_seeds > /tmp/tables.md
 
 Prints: the split, the adaptation checks (latent classifier per noise bucket beside the auxiliary classifier), the
 judge, the guidance sweep (judged conditional accuracy per scale and DDIM steps, per class), the pool rounds, what
 selection kept and rejected (judged), per-class FD (for each generator's pool), Table 1 (results.md), the rows against
-each other paired by seed (e.g. HistoDiffusion's selective 200% against StyleGAN2's) and the ablations' tables.
+each other paired by seed (e.g. HistoDiffusion's selective 200% against StyleGAN2's; with ``--against LABEL=DIR``
+also the rows of other folders that share this folder's split and baseline rows, e.g. another pre-training setting,
+named ``LABEL: row``) and the ablations' tables.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -84,21 +86,39 @@ def pool_table(report: dict, key: str = "pool") -> list[str]:
     return lines
 
 
-def between_rows_table(root: Path, metric: str = "accuracy") -> list[str]:
+def _rows_by_seed(root: Path, metric: str) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
+    """A folder's ``results.csv``: the baseline's ``metric`` per seed and every other row's."""
+    import csv
+
+    with open(root / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    baseline: dict[int, float] = {}
+    per_row: dict[str, dict[int, float]] = {}
+    for r in rows:
+        target = baseline if r["mode"] == "baseline" else per_row.setdefault(r["row"], {})
+        target[int(r["seed"])] = float(r[metric])
+    return baseline, per_row
+
+
+def between_rows_table(root: Path, metric: str = "accuracy", against: dict[str, Path] | None = None) -> list[str]:
     """Every pair of non-baseline rows compared seed by seed (``results.csv``): the paired difference of ``metric``
     (first row minus second), its 95% interval, and on how many seeds the first is above; e.g. HistoDiffusion's
-    selective 200% against StyleGAN2's on the same seeds and baseline."""
-    import csv
+    selective 200% against StyleGAN2's on the same seeds and baseline.
+
+    ``against`` adds the rows of other folders (``{label: folder}``, rows named ``label: row``); their baseline rows
+    must equal this folder's seed by seed (the folders share the split, the seeds and the baseline's files), otherwise
+    the pairing would mean nothing and a ValueError says which folder differs."""
     from itertools import combinations
 
     from monai_histodiff.apps.experiment import paired_interval
 
-    with open(root / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    per_row: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if r["mode"] != "baseline":
-            per_row.setdefault(r["row"], {})[int(r["seed"])] = float(r[metric])
+    baseline, per_row = _rows_by_seed(root, metric)
+    for label, folder in (against or {}).items():
+        other_baseline, other_rows = _rows_by_seed(folder, metric)
+        shared = set(baseline) & set(other_baseline)
+        if not shared or any(abs(baseline[s] - other_baseline[s]) > 1e-9 for s in shared):
+            raise ValueError(f"{folder}: its baseline rows differ from {root}'s (or share no seed): not paired")
+        per_row.update({f"{label}: {name}": values for name, values in other_rows.items()})
     lines = [f"| first row | second row | seeds | {metric} difference (paired) [95% interval] | first above on |",
              "|---|---|---|---|---|"]
     for a, b in combinations(per_row, 2):
@@ -113,7 +133,7 @@ def between_rows_table(root: Path, metric: str = "accuracy") -> list[str]:
     return lines
 
 
-def main(out: str) -> None:
+def main(out: str, against: dict[str, Path] | None = None) -> None:
     root = Path(out)
     report = json.loads((root / "experiment_report.json").read_text())
     sections = [("Split", split_table(root)), ("Adaptation", adaptation_table(report)),
@@ -122,7 +142,7 @@ def main(out: str) -> None:
                 ("Pool (StyleGAN2)", pool_table(report, "pool_stylegan2")),
                 ("Selection (judged)", selection_table(report)),
                 ("Table 1", (root / "results.md").read_text().splitlines()),
-                ("Rows against each other (paired by seed)", between_rows_table(root))]
+                ("Rows against each other (paired by seed)", between_rows_table(root, against=against))]
     for ablation in sorted(root.glob("ablation_*/results.md")):
         sections.append((ablation.parent.name, ablation.read_text().splitlines()))
         rep = ablation.parent / "experiment_report.json"
@@ -138,4 +158,11 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/lung")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="runs/lung", help="the experiment folder")
+    parser.add_argument("--against", nargs="+", default=[], metavar="LABEL=DIR",
+                        help="other folders with the same split and baseline rows whose rows are paired with these")
+    args = parser.parse_args()
+    main(args.out, {k: Path(v) for k, v in (a.split("=", 1) for a in args.against)})

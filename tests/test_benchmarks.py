@@ -61,3 +61,28 @@ def test_guided_sampling_named_variants_over_several_batches(tmp_path):
         sys.path.pop(0)
     with pytest.raises(ValueError, match="sync_writes"):
         parse_variant("stock+sync_writes")
+
+
+def _results_csv(folder: Path, rows: dict[str, list[float]]) -> None:
+    folder.mkdir(parents=True)
+    lines = ["row,mode,seed,accuracy"]
+    for name, values in rows.items():
+        mode = "baseline" if name == "baseline" else "selective"
+        lines += [f"{name},{mode},{seed},{v}" for seed, v in enumerate(values)]
+    (folder / "results.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_rows_of_another_folder_are_paired_only_on_the_same_baseline(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from results_tables import between_rows_table
+    finally:
+        sys.path.pop(0)
+    _results_csv(tmp_path / "sources", {"baseline": [0.8, 0.9, 0.7], "selective 200%": [0.82, 0.93, 0.71]})
+    _results_csv(tmp_path / "site", {"baseline": [0.8, 0.9, 0.7], "selective 200%": [0.81, 0.91, 0.75]})
+    lines = between_rows_table(tmp_path / "sources", against={"site": tmp_path / "site"})
+    assert len(lines) == 3 and lines[2].startswith("| selective 200% | site: selective 200% | 3 | -0.003 [")
+    assert lines[2].endswith("| 2 of 3 |")
+    _results_csv(tmp_path / "other", {"baseline": [0.8, 0.9, 0.6], "selective 200%": [0.8, 0.9, 0.6]})
+    with pytest.raises(ValueError, match="baseline rows differ"):
+        between_rows_table(tmp_path / "sources", against={"other": tmp_path / "other"})
