@@ -1,15 +1,14 @@
 """Export of the downstream classifier as a MONAI bundle, checked with MONAI's own bundle verifications.
 
 ``verify_metadata`` (against the shipped schema, offline), ``verify_net_in_out``, ``ckpt_export`` to TorchScript, an
-inference run of ``configs/inference.json`` on PNG tiles and a one-epoch run of ``configs/train.json``.
+inference run of ``configs/inference.json`` on PNG tiles and a one-epoch run of ``configs/train.json``. The
+``python -m monai.bundle`` commands are forked from the package's launcher (tests/bundles/conftest.py ``launch``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from monai_histodiff.data.toy import make_toy_dataset
 from monai_histodiff.data.transforms import tile_transforms
 from monai_histodiff.handlers.checkpoint import checkpoint_meta, save_checkpoint
 from monai_histodiff.networks import TileClassifier
+from tests.bundles.conftest import launch
 
 ARGS = {"backbone": "resnet", "num_classes": 3, "image_size": 64}
 
@@ -45,10 +45,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "train_downstream", config={"network_args": ARGS, "image_size": 64}, classes=classes))
     bundle = export_bundle(ckpt, root / "histodiff_tile_classifier")
     return {"root": root, "toy": toy, "classes": classes, "model": model, "ckpt": ckpt, "bundle": bundle}
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def test_layout_and_metadata(exported: dict) -> None:
@@ -79,8 +75,8 @@ def test_schema_rejects_incomplete_metadata(exported: dict, tmp_path: Path) -> N
 def test_verify_cli_net_in_out_and_torchscript(exported: dict, tmp_path: Path) -> None:
     b = exported["bundle"]
     meta, cfg = str(b / "configs/metadata.json"), str(b / "configs/inference.json")
-    out = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta,
-                          "--filepath", str(META_SCHEMA_FILE)], capture_output=True, text=True, env=_env())
+    out = launch([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta, "--filepath",
+                  str(META_SCHEMA_FILE)], PYTHONWARNINGS="ignore")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "metadata is verified with no error" in out.stdout + out.stderr
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file=cfg, device="cpu", bundle_root=str(b))
@@ -97,8 +93,8 @@ def test_inference_matches_checkpoint(exported: dict) -> None:
     b, toy = exported["bundle"], exported["toy"]
     files = sorted(str(p) for p in toy.rglob("*.png"))[::2]
     cfg = str(b / "configs/inference.json")
-    out = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", cfg, "--bundle_root", str(b),
-                          "--datalist", repr(files)], capture_output=True, text=True, env=_env())
+    out = launch([sys.executable, "-m", "monai.bundle", "run", "--config_file", cfg, "--bundle_root", str(b),
+                  "--datalist", repr(files)], PYTHONWARNINGS="ignore")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     with open(b / "eval" / "predictions.csv", newline="") as f:
         got = {row[0]: int(float(row[1])) for row in csv.reader(f)}
@@ -115,9 +111,9 @@ def test_train_one_epoch(exported: dict, tmp_path: Path) -> None:
 
     b = shutil.copytree(exported["bundle"], tmp_path / "bundle")
     before = (b / "models/model.pt").stat().st_mtime_ns
-    out = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs/train.json"),
-                          "--bundle_root", str(b), "--dataset_dir", str(exported["toy"]), "--max_epochs", "1",
-                          "--batch_size", "4"], capture_output=True, text=True, env=_env())
+    out = launch([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs/train.json"),
+                  "--bundle_root", str(b), "--dataset_dir", str(exported["toy"]), "--max_epochs", "1", "--batch_size",
+                  "4"], PYTHONWARNINGS="ignore")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "val_accuracy" in out.stdout + out.stderr
     assert (b / "models/model.pt").stat().st_mtime_ns != before

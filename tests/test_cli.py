@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 from monai_histodiff.__main__ import main
+from tests.bundles.conftest import launch
 
 
 def test_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "monai_histodiff", "--help"], capture_output=True, text=True, check=True)
+    out = launch([sys.executable, "-m", "monai_histodiff", "--help"])
+    assert out.returncode == 0, out.stderr[-2000:]
     for cmd in ("download", "toy-data", "split", "unlabeled", "scan", "demo"):
         assert cmd in out.stdout
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from monai_histodiff.errors import PREFIX, root_cause, stage_from_argv, summary_line
-from tests.bundles.conftest import REPO
+from tests.bundles.conftest import REPO, launch
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -20,9 +20,12 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
                           env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
 
 
-def _bundle(stage: str, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+def _bundle(stage: str, *overrides: str, forked: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """A stage run by the user's command in a plain process, or ``forked`` from the package's launcher (the same
+    status, output and last line: tests/apps/test_launcher.py; no import time)."""
     configs = f"['bundles/common.json','bundles/{stage}.json','bundles/small.json']"
-    return _run(["-m", "monai.bundle", "run", "--config_file", configs, *overrides], **env)
+    args = ["-m", "monai.bundle", "run", "--config_file", configs, *overrides]
+    return launch([sys.executable, *args], timeout=300, **env) if forked else _run(args, **env)
 
 
 def _last_line(proc: subprocess.CompletedProcess) -> str:
@@ -63,7 +66,7 @@ def test_a_corrupt_checkpoint_is_the_last_line_of_a_bundle_run(tmp_path):
     assert last.startswith(f"{PREFIX}stage 'generate' stopped: CorruptFileError: {ckpt}")
     assert "rerun stage 'pretrain_autoencoder'" in last
     assert "Failed to evaluate ConfigExpression" in proc.stderr  # the full traceback stays available, above it
-    debug = _bundle("generate", "--output_dir", str(tmp_path), MONAI_HISTODIFF_DEBUG="1")
+    debug = _bundle("generate", "--output_dir", str(tmp_path), forked=True, MONAI_HISTODIFF_DEBUG="1")
     assert not _last_line(debug).startswith(PREFIX)  # the debug setting: Python's own output only
 
 
@@ -71,10 +74,11 @@ def test_a_bad_override_and_a_label_conflict_are_the_last_line(tmp_path):
     labeled = tmp_path / "labeled"
     _labeled_with_a_tile_in_two_classes(labeled)
     proc = _bundle("train_aux_classifier", "--output_dir", str(tmp_path / "runs"), "--dataset_dir", str(labeled),
-                   "--max_epochs", "-1")
+                   "--max_epochs", "-1", forked=True)
     assert _last_line(proc).startswith(f"{PREFIX}stage 'train_aux_classifier' stopped: InvalidSettingError")
     assert "max_epochs" in _last_line(proc)
-    proc = _bundle("train_aux_classifier", "--output_dir", str(tmp_path / "runs"), "--dataset_dir", str(labeled))
+    proc = _bundle("train_aux_classifier", "--output_dir", str(tmp_path / "runs"), "--dataset_dir", str(labeled),
+                   forked=True)
     last = _last_line(proc)
     assert proc.returncode != 0 and last.startswith(f"{PREFIX}stage 'train_aux_classifier' stopped: ValueError")
     assert "more than one class" in last or "classes" in last

@@ -34,15 +34,22 @@ def run_bundle(configs: list[str], timeout: int = 600, torchrun: int = 0, cwd: P
     cmd = [*launcher, "run", "--config_file", config_arg]
     for k, v in overrides.items():
         cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]  # fire reads Python literals: True, 1e-3, [1, 2]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    with tempfile.TemporaryDirectory() as tmp:  # forked from the package's launcher on Linux (no import time per run)
-        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        code = run_command(cmd, out, err, cwd=cwd or REPO, env=env, timeout=timeout)
-        proc = subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+    proc = launch(cmd, cwd=cwd or REPO, timeout=timeout, OMP_NUM_THREADS="2")
     if proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def launch(cmd: list[str], cwd: Path = REPO, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ...`` or ``python -m monai_histodiff ...`` as a user's shell would, forked from the
+    package's launcher on Linux (no import time per run; the same status, output and last line as a plain process:
+    tests/apps/test_launcher.py), with ``env`` added to the environment. Returns the finished process, whatever its
+    status."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        code = run_command(cmd, out, err, cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1", **env), timeout=timeout)
+        return subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 
 COMMON = "bundles/common.json"

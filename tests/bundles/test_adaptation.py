@@ -96,8 +96,8 @@ def test_adaptation_on_real_tiles(pretrained, nct_crc_dir, unlabeled_dir, tmp_pa
 def test_latent_classifier_learns_separable_toy_classes(pretrained, toy_labeled, tmp_path):
     site = _site(tmp_path, pretrained)
     run_bundle(["bundles/train_latent_classifier.json", *SMALL], dataset_dir=str(toy_labeled), output_dir=str(site),
-               label_per_class=12, val_fraction=0.25, max_epochs=15, val_interval=15, batch_size=36, lr=2e-3,
-               **FAST)  # 300 steps (small.json: 20 per epoch)
+               label_per_class=12, val_fraction=0.25, max_epochs=10, val_interval=10, batch_size=36, lr=2e-3,
+               **FAST)  # 200 steps (small.json: 20 per epoch)
     acc = json.loads((site / "train_latent_classifier" / "timestep_accuracy.json").read_text())
     clean = acc["buckets"][0]["accuracy"]
     assert acc["chance"] == 0.25 and clean >= 0.6, acc["buckets"]  # clearly above chance on (nearly) clean latents

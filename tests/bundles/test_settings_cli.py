@@ -1,14 +1,13 @@
-"""A bad numeric override stops a stage before it writes anything, through the bundle command line."""
+"""A bad numeric override stops a stage before it writes anything, through the bundle command line (forked from the
+package's launcher: the same status and output as the user's own process, tests/apps/test_launcher.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.bundles.conftest import REPO, SMALL
+from tests.bundles.conftest import SMALL, launch
 
 
 @pytest.mark.parametrize("stage, overrides, named", [
@@ -29,8 +28,7 @@ def test_bad_override_is_refused_before_any_work(tmp_path, stage, overrides, nam
            str(tmp_path / "none")]
     for key, value in overrides.items():
         cmd += [f"--{key}", value]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = launch(cmd, timeout=300, OMP_NUM_THREADS="1")
     assert proc.returncode != 0
     assert f"InvalidSettingError: {stage}: {len(named)} setting" in proc.stderr, proc.stderr[-3000:]
     for line in named:

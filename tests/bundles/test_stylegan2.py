@@ -80,13 +80,13 @@ def _colours(paths: list[str]) -> torch.Tensor:
 
 
 def test_tiny_training_learns_two_toy_classes_and_select_reads_its_tiles(toy_two_classes, tmp_path):
-    """240 iterations on near-white vs dark pink tiles, then a classifier trained on the real tiles only (nearest class
+    """160 iterations on near-white vs dark pink tiles, then a classifier trained on the real tiles only (nearest class
     mean colour) labels the generated tiles: it must find the requested class for at least 90% of each class's tiles
     (chance: 50%; an unconditional generator gets one class wrong, an untrained one makes grey for both). The
     generated folder then goes through bundles/select.json as HistoDiffusion's does."""
     site = dict(dataset_dir=str(toy_two_classes), output_dir=str(tmp_path), **SPLIT)
-    run_bundle(TRAIN, batch_size=16, epoch_length=40, max_epochs=6, lr=2e-3, r1_gamma=0.1, r1_interval=4,
-               channel_base=256, channel_max=64, z_dim=32, w_dim=32, sample_interval=6, num_workers=0,
+    run_bundle(TRAIN, batch_size=16, epoch_length=40, max_epochs=4, lr=2e-3, r1_gamma=0.1, r1_interval=4,
+               channel_base=256, channel_max=64, z_dim=32, w_dim=32, sample_interval=4, num_workers=0,
                save_interval=1000, **site)
     run_bundle(GENERATE, counts=[32, 32], batch_size=32, **site)
 
