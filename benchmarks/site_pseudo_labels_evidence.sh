@@ -9,11 +9,6 @@
 set -euo pipefail
 OUT=${1:-runs/lung_seeds}
 H=${2:-../shared/data/histology}
-source "$(dirname "$0")/evidence_common.sh"  # PY, START, share_run
-P="${OUT}_pseudo"
-share_run "$OUT" "$P" split.json classes.json pretraining.json judge pretrain_autoencoder pretrain_diffusion \
-    train_aux_classifier finetune ceiling.png
-$PY -m monai_histodiff experiment --output_dir "$P" --dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 \
-    --test_per_class 600 --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 --generation_steps 50 --pretraining site \
-    --ratios 2.0 --random_ratio 0 --generator histodiffusion --pseudo_labels --sweep_scales 0 1 4 --sweep_steps 50
+source "$(dirname "$0")/evidence_common.sh"  # PY, START, site_variant
+site_variant "$OUT" pseudo --pseudo_labels
 echo "[evidence] pseudo-labels, g = 1 after $(( $(date +%s) - START )) s"
