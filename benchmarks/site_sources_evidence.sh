@@ -13,7 +13,8 @@ OUT=${1:-runs/lung_seeds}
 H=${2:-../shared/data/histology}
 source "$(dirname "$0")/evidence_common.sh"  # PY, START, share_run
 S="${OUT}_sources"
-share_run "$OUT" "$S" split.json classes.json judge train_aux_classifier
+share_run "$OUT" "$S" split.json classes.json judge train_aux_classifier  # the ceiling it copies is measured again:
+# the runner reuses judged/ceiling.json only while it is newer than the autoencoder, which this run trains anew
 $PY -m monai_histodiff experiment --output_dir "$S" --dataset_dir "$H/lc25000_lung" --fraction 0.02 --val_fraction 0.2 \
     --test_per_class 600 --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 --generation_steps 50 --pretraining sources \
     --unlabeled_dir "$H"/unlabeled/*/ "$H/nct_crc" "$H/kather2016" --ratios 2.0 --random_ratio 0 \

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from monai_histodiff.errors import PREFIX, root_cause, stage_from_argv, summary_line
