@@ -86,3 +86,34 @@ def test_rows_of_another_folder_are_paired_only_on_the_same_baseline(tmp_path):
     _results_csv(tmp_path / "other", {"baseline": [0.8, 0.9, 0.6], "selective 200%": [0.8, 0.9, 0.6]})
     with pytest.raises(ValueError, match="baseline rows differ"):
         between_rows_table(tmp_path / "sources", against={"other": tmp_path / "other"})
+
+
+def test_guidance_forecast_shares_are_importance_weighted_class_shares():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from guidance_forecast import expected_confidence, forecast, guided_class_shares
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
+    classes = torch.tensor([0, 1, 1])
+    # g = 0: every request draws the sample as it is (one tile of class 0 in three)
+    assert torch.allclose(guided_class_shares(probs, classes, 0.0), torch.tensor([[1 / 3, 2 / 3]] * 2).double())
+    # g = 1: weights p(y | z_i); g = 2: their squares
+    shares = guided_class_shares(probs, classes, 1.0)
+    assert shares[0, 0].item() == pytest.approx(0.9 / 1.5) and shares[1, 1].item() == pytest.approx(1.4 / 1.5)
+    assert guided_class_shares(probs, classes, 2.0)[0, 0].item() == pytest.approx(0.81 / (0.81 + 0.16 + 0.04))
+    # a sample weight doubles a tile's share of the draws
+    weighted = guided_class_shares(probs, classes, 0.0, torch.tensor([2.0, 1.0, 1.0]))
+    assert weighted[0, 0].item() == pytest.approx(0.5)
+    # a classifier that knows every tile forecasts pure pools; one that knows nothing, the class shares at any g
+    onehot = torch.nn.functional.one_hot(classes, 2).float()
+    assert torch.equal(guided_class_shares(onehot * 0.98 + 0.01, classes, 8.0).argmax(1), torch.tensor([0, 1]))
+    assert forecast(torch.full((3, 2), 0.5), classes, classes, [4.0])["4.0"]["true"] == pytest.approx([1 / 3, 2 / 3])
+    # the judged forecast reads the judge's classes, not the labels
+    judged = torch.tensor([1, 1, 1])
+    assert forecast(probs, classes, judged, [1.0])["1.0"]["judged"] == pytest.approx([0.0, 1.0])
+    # the confidence exact guidance gives on average: sum p^(g+1) / sum p^g per requested class
+    assert expected_confidence(probs, 1.0)[0] == pytest.approx((0.81 + 0.16 + 0.04) / 1.5)
+    assert expected_confidence(probs, 0.0)[1] == pytest.approx(1.5 / 3)
