@@ -169,12 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               "judged_class_share_of_D'(E(x))": (torch.bincount(judged, minlength=k).double() / len(judged)).tolist(),
               "model_class_share_at_g0": model_share, "classifiers": {}}
     pools = dict(_labelled(a.pool, "pool"))
+    classifiers = _labelled(a.classifier, "classifier")
+    unknown = sorted(set(pools) - {label for label, _ in classifiers})
+    if unknown:
+        raise SystemExit(f"--pool {unknown[0]!r}: no --classifier has that label")
     judge_x, judge_rec = report["judge_accuracy"].values()
     print(f"test tiles {len(labels)}: judge on x {judge_x:.3f}, on D'(E(x)) {judge_rec:.3f}")
     print("| latent classifier | accuracy at t = 0 | g | exact guidance: true | judged | judged, model's balance | "
           "pool at g = 1 judged |")
     print("|---|---|---|---|---|---|---|")
-    for label, path in _labelled(a.classifier, "classifier"):
+    for label, path in classifiers:
         clf = load_latent_classifier(path)
         probs = torch.cat([clf(c, torch.zeros(len(c), dtype=torch.long)).softmax(-1)
                            for c in tiles["z"].split(256)]).double()
