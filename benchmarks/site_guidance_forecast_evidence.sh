@@ -2,16 +2,19 @@
 # Where HistoDiffusion's pool at the paper's g = 1 loses the requested class (issue 21), on the site-pre-trained lung
 # chain of site_seeds_evidence.sh (its folder OUT after part 1, or the same experiment with --seeds 0):
 #  1. latent classifiers besides the run's own (144 labeled tiles, 1,000 steps): the same trained 4x longer, and an
-#     "oracle" trained 4,000 steps on every site tile outside the test groups with its true label (7,164 tiles, the
-#     judge's own data; a measurement of what labels can buy, never a product setting);
+#     "oracle" trained 4,000 steps on every site tile outside the test groups with its true label (7,164 tiles, nearly
+#     the judge's own data; a measurement of what labels can buy, never a product setting);
 #  2. pools of 144 tiles per class at g = 1 with each, and one at g = 0 (the unconditional model's class balance, EMA
 #     weights and raw weights), judged; with the 4x classifier also at g = 1 sampled stochastically (the paper's Eq. 8:
 #     DDPM, 50 respaced steps; and DDIM with eta = 1);
 #  3. the forecast of exact guidance read on the 1,800 test tiles (guidance_forecast.py) beside the judged pools;
 #  4. the diffusion model trained twice as long (resumed from the run's 20 epochs to 40, constant learning rate) in
-#     OUT_d40, a 4x latent classifier trained against it, its g = 0 and g = 1 pools judged, and its forecast.
+#     OUT_d40, a 4x latent classifier trained against it, its g = 0 and g = 1 pools judged, and its forecast;
+#  5. the same for a diffusion UNet twice as wide (channels 64 / 128 / 128 instead of 32 / 64 / 64), trained from
+#     scratch for the run's 20 epochs in OUT_wide.
 # Every step is skipped when its output exists, so the script resumes where it stopped.
-#   bash benchmarks/site_guidance_forecast_evidence.sh [OUT] [HISTOLOGY]   (from the repository root, after `make install`)
+#   bash benchmarks/site_guidance_forecast_evidence.sh [OUT] [HISTOLOGY]
+# (from the repository root, after `make install`)
 set -euo pipefail
 OUT=${1:-runs/lung_seeds}
 H=${2:-../shared/data/histology}
@@ -89,3 +92,23 @@ $PY benchmarks/guidance_forecast.py "$D" --balance "$D/lc4k/judged_g0.json" --ou
     --classifier "144 labels, 4,000 steps, diffusion 40 epochs=$D/lc4k/latent_classifier.pt" \
     --pool "144 labels, 4,000 steps, diffusion 40 epochs=$D/lc4k/gen_g1"
 echo "[evidence] twice the diffusion training after $(( $(date +%s) - START )) s"
+
+# 5. a diffusion UNet twice as wide
+W=${OUT}_wide
+if [ ! -f "$W/pretrain_diffusion/diffusion.pt" ]; then
+    mkdir -p "$W"
+    for p in split.json classes.json pretraining.json judge pretrain_autoencoder train_aux_classifier finetune; do
+        [ -e "$W/$p" ] || cp -a "$OUT/$p" "$W/"
+    done
+    $PY "${BUNDLE[@]}" "['bundles/common.json','bundles/pretrain_diffusion.json','bundles/small.json']" \
+        --output_dir "$W" --datalist "\$monai_histodiff.data.load_datalist('$W/pretraining.json')['unlabeled']" \
+        --max_epochs 20 --warmup_steps 50 --sample_interval 5 --grid_inference_steps 25 \
+        --diffusion_args#channels "[64, 128, 128]" > "$W/pretrain_diffusion.log" 2>&1
+fi
+latent_classifier "$W" lc4k "$W/split.json"
+pool "$W" lc4k "$W/split.json" 0
+pool "$W" lc4k "$W/split.json" 1
+$PY benchmarks/guidance_forecast.py "$W" --balance "$W/lc4k/judged_g0.json" --output "$W/guidance_forecast.json" \
+    --classifier "144 labels, 4,000 steps, UNet twice as wide=$W/lc4k/latent_classifier.pt" \
+    --pool "144 labels, 4,000 steps, UNet twice as wide=$W/lc4k/gen_g1"
+echo "[evidence] the wider diffusion UNet after $(( $(date +%s) - START )) s"
