@@ -110,6 +110,7 @@ def read_test_tiles(run: Path, batch_size: int = 64) -> dict[str, torch.Tensor]:
     from monai.data import DataLoader, Dataset
 
     from monai_histodiff.data import load_datalist, tile_transforms
+    from monai_histodiff.data.transforms import round_to_8bit
     from monai_histodiff.engines import diffusion_meta, load_autoencoder
     from monai_histodiff.engines.loading import load_tile_classifier
     from monai_histodiff.handlers.checkpoint import load_checkpoint
@@ -126,7 +127,7 @@ def read_test_tiles(run: Path, batch_size: int = 64) -> dict[str, torch.Tensor]:
     for batch in DataLoader(Dataset(items, tile_transforms(image_size)), batch_size=batch_size):
         x = batch["image"]
         mu = encoder.encode(x)[0]
-        rec = ((decoder.decode(mu).clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+        rec = round_to_8bit(decoder.decode(mu))
         z.append(mu * scale_factor)
         y.append(torch.as_tensor(batch["label"]).long().reshape(-1))
         judged_x.append(judge(x).argmax(1))

@@ -47,7 +47,14 @@ from monai_histodiff.data.split import (
     write_split,
 )
 from monai_histodiff.data.toy import TOY_CLASSES, TOY_NOTICE, make_toy_dataset, render_toy_tile
-from monai_histodiff.data.transforms import ToRGBd, pil_to_rgb, tile_reader, tile_transforms, to_uint8_image
+from monai_histodiff.data.transforms import (
+    ToRGBd,
+    pil_to_rgb,
+    round_to_8bit,
+    tile_reader,
+    tile_transforms,
+    to_uint8_image,
+)
 from monai_histodiff.data.unlabeled import (
     format_source_counts,
     pretraining_datalist,
@@ -117,6 +124,7 @@ __all__ = [
     "tile_reader",
     "tile_transforms",
     "to_uint8_image",
+    "round_to_8bit",
     "format_source_counts",
     "source_counts",
     "sources_in",

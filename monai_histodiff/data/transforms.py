@@ -30,7 +30,7 @@ from monai.transforms import (
 from monai.utils import optional_import
 from PIL import Image, ImageOps
 
-__all__ = ["pil_to_rgb", "ToRGBd", "tile_transforms", "tile_reader", "to_uint8_image"]
+__all__ = ["pil_to_rgb", "ToRGBd", "tile_transforms", "tile_reader", "to_uint8_image", "round_to_8bit"]
 
 _, HAS_ITK = optional_import("itk")
 
@@ -137,6 +137,12 @@ def tile_transforms(
             ]
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
     return Compose(steps)
+
+
+def round_to_8bit(tiles: torch.Tensor) -> torch.Tensor:
+    """Tiles in [-1, 1] as a written PNG holds them: clamped and rounded to 256 levels, still in [-1, 1] (to read a
+    decoded tile, e.g. a reconstruction, as a classifier would read it from disk)."""
+    return ((tiles.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
 def to_uint8_image(tile: torch.Tensor) -> np.ndarray:

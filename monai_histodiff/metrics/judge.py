@@ -266,7 +266,7 @@ def judge_reconstructions(judge_ckpt: str | os.PathLike, autoencoder_ckpt: str |
     """
     import numpy as np
 
-    from monai_histodiff.data.transforms import tile_transforms
+    from monai_histodiff.data.transforms import round_to_8bit, tile_transforms
     from monai_histodiff.engines.loading import check_classes, checkpoint_classes, load_autoencoder, \
         load_tile_classifier
     from monai_histodiff.handlers.checkpoint import load_checkpoint
@@ -302,7 +302,7 @@ def judge_reconstructions(judge_ckpt: str | os.PathLike, autoencoder_ckpt: str |
             z = coders["D(E(x))"].encode(x)[0]  # the posterior mean; D and D' share the encoder
             views = {"x": x}
             for name, coder in coders.items():
-                rec = ((coder.decode(z).clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # as an 8-bit tile
+                rec = round_to_8bit(coder.decode(z))
                 l1[name] += float((rec - x).abs().mean(dim=(1, 2, 3)).sum())
                 views[name] = rec
             for name, v in views.items():

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from monai_histodiff.data.datalist import list_images
-from monai_histodiff.data.transforms import HAS_ITK, tile_transforms, to_uint8_image
+from monai_histodiff.data.transforms import HAS_ITK, round_to_8bit, tile_transforms, to_uint8_image
 
 
 @pytest.mark.parametrize("name", ["good_rgb.png", "rgba.png", "gray.png", "gray16.png"])
@@ -101,3 +101,13 @@ def test_tile_far_smaller_than_image_size_is_resized(tmp_path):
     assert out.shape == (3, 64, 64)
     up = to_uint8_image(out)
     np.testing.assert_allclose(up[::8, ::8].astype(float), rgb.astype(float), atol=2)  # each source pixel a block
+
+
+def test_round_to_8bit_reads_a_tile_as_its_png_holds_it(tmp_path):
+    tile = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # some values out of range
+    rounded = round_to_8bit(tile)
+    assert rounded.min() >= -1 and rounded.max() <= 1
+    assert torch.allclose((rounded + 1) * 127.5, ((rounded + 1) * 127.5).round(), atol=1e-4)  # 256 levels
+    Image.fromarray(to_uint8_image(tile[0])).save(tmp_path / "tile.png")
+    torch.testing.assert_close(tile_transforms(8)({"image": str(tmp_path / "tile.png")})["image"], rounded[0],
+                               atol=1e-5, rtol=0)
